@@ -1,0 +1,170 @@
+"""The one entry point that every script uses: :func:`load_caption_dataset`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from datasets import DatasetDict
+
+from .common import select_splits
+from .flickr30k import FLICKR30K_REPO_ID, load_flickr30k
+from .karpathy import load_karpathy_json
+from .local import IMAGE_EXTENSIONS, load_image_folder_captions, load_parquet_captions
+from .synthetic import SYNTHETIC_DEFAULT_SIZES, make_synthetic_dataset
+
+#: Source names that are not paths. ``karpathy``, ``parquet`` and ``imagefolder`` take the path
+#: from ``data_dir``; a path given directly as the source is recognised by what it contains.
+NAMED_SOURCES: tuple[str, ...] = ("synthetic", "flickr30k", "karpathy", "parquet", "imagefolder")
+
+
+def _find_karpathy_json(directory: Path) -> Path | None:
+    candidates = sorted(directory.glob("dataset_*.json"))
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _has_images(directory: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in directory.rglob("*") if p.is_file())
+
+
+def _reject(option: str, value: object, source: str) -> None:
+    if value is not None:
+        raise ValueError(f"{option}= is not used by the {source!r} source (got {value!r}).")
+
+
+def load_caption_dataset(
+    source: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    splits: str | Iterable[str] | None = None,
+    max_samples_per_split: int | None = None,
+    **source_options: Any,
+) -> DatasetDict:
+    """Load an image-captioning dataset as train / validation / test with ``image``, ``captions``
+    (list of strings) and ``image_id`` (string) columns.
+
+    Args:
+        source: one of
+
+            * ``"synthetic"``: generated coloured shapes (:func:`make_synthetic_dataset`; options
+              ``num_train``, ``num_validation``, ``num_test``, ``image_size``, ``use_cache``);
+              adds an ``objects`` column with the boxes;
+            * ``"flickr30k"``: Flickr30K, Karpathy splits, from the datasets hub
+              (:func:`load_flickr30k`; options ``repo_id``, ``revision`` and any
+              ``datasets.load_dataset`` argument); ``data_dir`` = a local copy of the hub
+              repository's parquet branch instead;
+            * a path to a Karpathy split JSON (``dataset_flickr30k.json``); ``image_dir`` defaults
+              to ``images/`` next to it;
+            * a path to a parquet file or a folder of them (ours or the hub's Flickr30K schema);
+            * a path to an image folder with a ``metadata.jsonl``/``metadata.csv`` holding
+              ``file_name`` and ``captions``;
+            * ``"karpathy"``, ``"parquet"`` or ``"imagefolder"`` with the path in ``data_dir``.
+
+            A folder holding parquet files is read as parquet; else one holding a single
+            ``dataset_*.json`` as Karpathy JSON (images in ``images/``); else as an image folder.
+        data_dir: the path for the named sources that read files.
+        image_dir: the image folder of a Karpathy JSON.
+        cache_dir: cache of the synthetic data, or the ``datasets`` cache for the other sources.
+        seed: seed of the synthetic data (unused by the others).
+        splits: which of train / validation / test to return (default all three; ``val`` etc. accepted).
+        max_samples_per_split: keep only the first N images of each split (smoke runs); the
+            synthetic source then generates only N.
+        **source_options: passed to the source's loader (see above).
+
+    Raises:
+        ValueError: unknown source, options that the source does not use, unknown or missing splits.
+        FileNotFoundError: a path that does not exist, or images listed but missing.
+    """
+    name = os.fspath(source)
+    key = name.strip().lower()
+
+    if key == "synthetic":
+        _reject("data_dir", data_dir, key)
+        _reject("image_dir", image_dir, key)
+        if max_samples_per_split is not None:
+            # Pictures are generated per index, so the first N are the same as in the full set.
+            for split, default in SYNTHETIC_DEFAULT_SIZES.items():
+                option = f"num_{split}"
+                source_options[option] = min(source_options.get(option, default), max_samples_per_split)
+        dataset = make_synthetic_dataset(seed=seed, cache_dir=cache_dir, **source_options)
+        return select_splits(dataset, splits, max_samples_per_split, source="synthetic")
+
+    if key == "flickr30k":
+        _reject("image_dir", image_dir, key)
+        repo_id = source_options.pop("repo_id", FLICKR30K_REPO_ID)
+        if data_dir is not None:
+            local = Path(data_dir).expanduser()
+            if not local.is_dir():
+                raise FileNotFoundError(f"data_dir for 'flickr30k' is not a folder: {local}")
+            repo_id = str(local)
+        return load_flickr30k(
+            repo_id=repo_id,
+            cache_dir=cache_dir,
+            splits=splits,
+            max_samples_per_split=max_samples_per_split,
+            **source_options,
+        )
+
+    if key in ("karpathy", "parquet", "imagefolder"):
+        if data_dir is None:
+            raise ValueError(f"The {key!r} source needs data_dir= (the path to read).")
+        path = Path(data_dir).expanduser()
+        kind = key
+    else:
+        if data_dir is not None:
+            raise ValueError(
+                f"data_dir= is only used with the named sources {list(NAMED_SOURCES)}; got source {name!r}."
+            )
+        path = Path(name).expanduser()
+        if not path.exists():
+            looks_like_path = os.sep in name or "/" in name or path.suffix != ""
+            if looks_like_path:
+                raise FileNotFoundError(f"Dataset path not found: {path}")
+            raise ValueError(
+                f"Unknown dataset source {name!r}: expected one of {list(NAMED_SOURCES)}, or a path to a "
+                "Karpathy split JSON, a parquet file or folder, or an image folder with captions."
+            )
+        kind = ""
+
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset path not found: {path}")
+    options = {"splits": splits, "max_samples_per_split": max_samples_per_split}
+    if not kind:
+        if path.is_file():
+            if path.suffix.lower() == ".json":
+                kind = "karpathy"
+            elif path.suffix.lower() == ".parquet":
+                kind = "parquet"
+            else:
+                raise ValueError(
+                    f"Cannot load {path}: expected a Karpathy split JSON (.json), a .parquet file, "
+                    "or a folder of parquet files or of images with captions."
+                )
+        elif any(path.rglob("*.parquet")):
+            kind = "parquet"
+        elif _find_karpathy_json(path) is not None:
+            kind = "karpathy"
+        elif _has_images(path):
+            kind = "imagefolder"
+        else:
+            raise ValueError(
+                f"Cannot load {path}: found no parquet files, no dataset_*.json and no images in it."
+            )
+
+    if kind == "karpathy":
+        json_path = path
+        if path.is_dir():
+            found = _find_karpathy_json(path)
+            if found is None:
+                raise FileNotFoundError(f"Expected exactly one dataset_*.json in {path}.")
+            json_path = found
+        return load_karpathy_json(json_path, image_dir, **options, **source_options)
+    _reject("image_dir", image_dir, kind)
+    if kind == "parquet":
+        return load_parquet_captions(path, cache_dir=cache_dir, **options, **source_options)
+    return load_image_folder_captions(path, cache_dir=cache_dir, **options, **source_options)

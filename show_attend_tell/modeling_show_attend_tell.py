@@ -1,0 +1,732 @@
+"""Show, Attend and Tell (Xu et al., 2015) with soft attention, as a transformers model.
+
+An image travels through this file top to bottom:
+
+1. `ShowAttendTellEncoder`: a ResNet without its classification head turns `pixel_values`
+   (batch, 3, 256, 256) into a feature map, adaptively average-pooled to a square grid and flattened
+   to `features` (batch, num_pixels, encoder_dim), e.g. (batch, 196, 2048) for ResNet-101 at 14 x 14.
+2. `ShowAttendTellAttention`: for each decoding step, scores every grid position against the LSTM
+   state and returns the attention weights `alpha` (rows, num_pixels) and the weighted image context.
+3. `ShowAttendTellDecoder`: an LSTM cell fed with the previous word and the gated context predicts the
+   next word, one step at a time.
+4. `ShowAttendTellForConditionalGeneration`: ties both together with the transformers conventions
+   (loss, `generate()` with greedy / beam search / sampling, save and load).
+
+Several decoder rows may share one image: the captions of one image during training, or the beams
+(and returned sequences) of one image during `generate()`. Rows are grouped by image in
+`repeat_interleave` order (rows `i * k ... i * k + k - 1` belong to image `i`), so image features and
+their attention projection are stored once per image and never copied per row.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, ResNetModel
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
+
+from .configuration_show_attend_tell import RESNET_DEPTHS, ShowAttendTellConfig
+
+try:  # transformers 5.x: initialisers that leave weights loaded from a checkpoint untouched
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x skips loaded modules itself
+    from torch.nn import init
+
+try:
+    from transformers.generation.utils import ALL_CACHE_NAMES as _ALL_CACHE_NAMES
+except ImportError:
+    _ALL_CACHE_NAMES = ["past_key_values"]
+
+# generate() passes the decoding state to `forward` and reads it back from the output under one name,
+# which changed inside transformers 5.x ("past_key_values" up to 5.2x, then "cache"). A state returned
+# under the other name would be silently dropped and decoding would restart from scratch every step.
+CACHE_NAME: str = _ALL_CACHE_NAMES[0]
+
+# The image-to-text auto class is AutoModelForVision2Seq in transformers 4.x and
+# AutoModelForImageTextToText in 5.x (late 4.x has both).
+IMAGE_TO_TEXT_AUTO_CLASSES = [
+    name for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq") if hasattr(transformers, name)
+]
+
+DEFAULT_NUM_BEAMS = 3
+DEFAULT_MAX_NEW_TOKENS = 51  # 50 words and <end>
+
+# torchvision's ImageNet checkpoints (the file name is what torchvision caches them under).
+TORCHVISION_RESNET_URLS = {
+    ("resnet50", "IMAGENET1K_V1"): "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    ("resnet50", "IMAGENET1K_V2"): "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+    ("resnet101", "IMAGENET1K_V1"): "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    ("resnet101", "IMAGENET1K_V2"): "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
+    ("resnet152", "IMAGENET1K_V1"): "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+    ("resnet152", "IMAGENET1K_V2"): "https://download.pytorch.org/models/resnet152-f82ba261.pth",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs and decoding state
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ShowAttendTellOutputFields(ModelOutput):
+    """
+    Output of [`ShowAttendTellForConditionalGeneration.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
+            Cross-entropy over the non-padding targets plus `alpha_c` times the doubly-stochastic penalty.
+        logits (`torch.FloatTensor` of shape `(rows, steps, vocab_size)`):
+            Scores of the next word at every decoded step.
+        decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            One tensor of shape `(rows, steps, decoder_dim)`: the LSTM output at every step.
+        decoder_attentions: always `None` (the decoder does not attend over its own words); kept
+            because generate() reads it.
+        cross_attentions (`torch.FloatTensor` of shape `(rows, steps, num_pixels)`, *optional*):
+            The attention weights over the image grid at every step; each row sums to one.
+        encoder_last_hidden_state (`torch.FloatTensor` of shape `(images, num_pixels, encoder_dim)`):
+            The flattened image features the decoder attended over.
+        encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The ResNet's stem and stage outputs, `(images, channels, height, width)` each.
+        cache / past_key_values (`ShowAttendTellCache`, *optional*):
+            The decoding state after the last step, under the name the installed transformers reads.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# The state field carries the name the installed generate() reads (see CACHE_NAME); declaring the other
+# name too would make transformers 5.2x warn on every forward.
+if CACHE_NAME == "cache":
+
+    @dataclass
+    class ShowAttendTellOutput(_ShowAttendTellOutputFields):
+        __doc__ = _ShowAttendTellOutputFields.__doc__
+        cache: ShowAttendTellCache | None = None
+
+else:
+
+    @dataclass
+    class ShowAttendTellOutput(_ShowAttendTellOutputFields):
+        __doc__ = _ShowAttendTellOutputFields.__doc__
+        past_key_values: ShowAttendTellCache | None = None
+
+
+class ShowAttendTellCache:
+    """
+    Decoding state of the LSTM decoder, carried between `generate()` steps.
+
+    An LSTM has no keys and values to cache: it carries its state `(hidden, cell)`, one row per decoded
+    sequence, plus the image features and their attention projection, which are computed once per
+    image and shared by all of that image's rows. Beam search only reorders rows within an image, so
+    `reorder_cache` touches the small per-row state and never the features.
+
+    Args:
+        features (`torch.Tensor` of shape `(images, num_pixels, encoder_dim)`)
+        projected_features (`torch.Tensor` of shape `(images, num_pixels, attention_dim)`)
+        hidden, cell (`torch.Tensor` of shape `(rows, decoder_dim)`)
+        seq_length (`int`): how many tokens the state has consumed.
+    """
+
+    is_compileable = False  # read by generate() on CUDA; this state cannot be a static cache
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        projected_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+        seq_length: int = 0,
+    ) -> None:
+        self.features = features
+        self.projected_features = projected_features
+        self.hidden = hidden
+        self.cell = cell
+        self.seq_length = seq_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> ShowAttendTellCache:
+        """Selects the rows that survive a beam-search step, in place (generate ignores the return value)."""
+        beam_idx = beam_idx.to(self.hidden.device)
+        self.hidden = self.hidden.index_select(0, beam_idx)
+        self.cell = self.cell.index_select(0, beam_idx)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(images={self.features.shape[0]}, rows={self.hidden.shape[0]}, "
+            f"seq_length={self.seq_length})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------------------
+
+
+def resnet_architecture_name(config: ShowAttendTellConfig) -> str:
+    """The torchvision name of the encoder's ResNet ("resnet101"), or a ValueError if there is none."""
+    depths = list(config.encoder_config.depths)
+    for name, known_depths in RESNET_DEPTHS.items():
+        if depths == known_depths and config.encoder_config.layer_type == "bottleneck":
+            return name
+    raise ValueError(
+        f"No torchvision ImageNet checkpoint matches an encoder with depths {depths}; "
+        f"supported: {', '.join(f'{name} {d}' for name, d in RESNET_DEPTHS.items())}"
+    )
+
+
+def convert_torchvision_resnet_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    Renames a torchvision ResNet state dict to the parameter names of transformers' `ResNetModel`.
+
+    Both networks are the same ResNet v1.5 (stride in the 3 x 3 convolution of a bottleneck), so the
+    mapping is a pure renaming; the classification layer `fc` is dropped.
+    """
+    renamed = {}
+    for name, tensor in state_dict.items():
+        if name.startswith("fc."):
+            continue
+        new_name = re.sub(r"^conv1\.", "embedder.embedder.convolution.", name)
+        new_name = re.sub(r"^bn1\.", "embedder.embedder.normalization.", new_name)
+        match = re.match(r"^layer(\d+)\.(\d+)\.(.+)$", new_name)
+        if match:
+            stage, block, rest = int(match.group(1)) - 1, match.group(2), match.group(3)
+            rest = re.sub(r"^conv(\d)\.", lambda m: f"layer.{int(m.group(1)) - 1}.convolution.", rest)
+            rest = re.sub(r"^bn(\d)\.", lambda m: f"layer.{int(m.group(1)) - 1}.normalization.", rest)
+            rest = re.sub(r"^downsample\.0\.", "shortcut.convolution.", rest)
+            rest = re.sub(r"^downsample\.1\.", "shortcut.normalization.", rest)
+            new_name = f"encoder.stages.{stage}.layers.{block}.{rest}"
+        if new_name == name:
+            raise KeyError(f"unexpected parameter in a torchvision ResNet state dict: {name}")
+        renamed[new_name] = tensor
+    return renamed
+
+
+class ShowAttendTellEncoder(nn.Module):
+    """
+    ResNet feature extractor: `pixel_values` (images, 3, H, W) -> features (images, num_pixels, encoder_dim).
+
+    The ResNet's own grid is H / 32 on a side (8 x 8 at 256 px); it is adaptively average-pooled to
+    `encoded_image_size` (14 x 14 by default, as in the paper's implementation).
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: ShowAttendTellConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.resnet = ResNetModel(config.encoder_config)
+        self.adaptive_pool = nn.AdaptiveAvgPool2d((config.encoded_image_size, config.encoded_image_size))
+
+    def encode_grid(
+        self, pixel_values: torch.FloatTensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The ResNet's last feature map at its native resolution, (images, encoder_dim, H/32, W/32)."""
+        outputs = self.resnet(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        return outputs.last_hidden_state, outputs.hidden_states
+
+    def pool_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """(images, encoder_dim, h, w) -> (images, encoded_image_size ** 2, encoder_dim)."""
+        pooled = self.adaptive_pool(grid)
+        return pooled.flatten(2).transpose(1, 2)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple[torch.Tensor, ...]:
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(images, 3, height, width)`): normalised images.
+            output_attentions: accepted for the generate() interface; a ResNet has no attention.
+            output_hidden_states: also return the stem and stage outputs of the ResNet.
+
+        Returns:
+            `BaseModelOutput` with `last_hidden_state` of shape `(images, num_pixels, encoder_dim)`.
+        """
+        grid, hidden_states = self.encode_grid(pixel_values, output_hidden_states=bool(output_hidden_states))
+        features = self.pool_grid(grid)
+        if return_dict is False:
+            return (features, hidden_states) if output_hidden_states else (features,)
+        return BaseModelOutput(last_hidden_state=features, hidden_states=hidden_states)
+
+    def set_trainable_stages(self, num_stages: int) -> None:
+        """
+        Freezes the ResNet except its last `num_stages` stages (0 freezes all of it, the default of
+        training; the paper's implementation fine-tunes the last three when asked to).
+        """
+        self.resnet.requires_grad_(False)
+        stages = self.resnet.encoder.stages
+        for stage in list(stages)[len(stages) - num_stages :] if num_stages > 0 else []:
+            stage.requires_grad_(True)
+
+    def load_imagenet_weights(self, variant: str = "IMAGENET1K_V1", progress: bool = True) -> None:
+        """
+        Loads torchvision's ImageNet weights for this ResNet (downloaded once into
+        `$TORCH_HOME/hub/checkpoints`, under torchvision's own file name).
+
+        `IMAGENET1K_V1` is the checkpoint of `torchvision.models.resnet101(pretrained=True)`, the one the
+        specification's implementation used. The file is read with `weights_only=True`.
+        """
+        architecture = resnet_architecture_name(self.config)
+        key = (architecture, variant)
+        if key not in TORCHVISION_RESNET_URLS:
+            raise ValueError(f"unknown ImageNet weights {variant!r}; choose IMAGENET1K_V1 or IMAGENET1K_V2")
+        state_dict = torch.hub.load_state_dict_from_url(
+            TORCHVISION_RESNET_URLS[key], progress=progress, map_location="cpu", weights_only=True
+        )
+        self.resnet.load_state_dict(convert_torchvision_resnet_state_dict(state_dict), strict=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoder
+# --------------------------------------------------------------------------------------------------
+
+
+class ShowAttendTellAttention(nn.Module):
+    """
+    Soft (deterministic) attention: `alpha = softmax(w^T relu(W_f f + W_h h))` over the grid positions.
+
+    The image side `W_f f` does not change while a caption is decoded, so it is computed once per image
+    by `project_features` and reused at every step.
+    """
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_projection = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_projection = nn.Linear(decoder_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(images, num_pixels, encoder_dim) -> (images, num_pixels, attention_dim)."""
+        return self.encoder_projection(features)
+
+    def forward(
+        self, features: torch.Tensor, projected_features: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            features (`(images, num_pixels, encoder_dim)`), projected_features (`(images, num_pixels, attention_dim)`)
+            hidden (`(rows, decoder_dim)`): rows = images * rows_per_image, grouped by image.
+
+        Returns:
+            context (`(rows, encoder_dim)`): the attention-weighted average of the features.
+            alpha (`(rows, num_pixels)`): the attention weights.
+        """
+        images, num_pixels, _ = features.shape
+        rows_per_image = hidden.shape[0] // images
+        query = self.decoder_projection(hidden).view(images, rows_per_image, 1, -1)
+        # (images, rows_per_image, num_pixels, attention_dim) -> scores (images, rows_per_image, num_pixels)
+        scores = self.score(F.relu(projected_features.unsqueeze(1) + query)).squeeze(-1)
+        alpha = scores.softmax(dim=-1)
+        context = torch.bmm(alpha, features)  # one batched product per image serves all of its rows
+        return context.reshape(hidden.shape[0], -1), alpha.reshape(hidden.shape[0], num_pixels)
+
+
+class ShowAttendTellDecoder(nn.Module):
+    """
+    The LSTM that writes the caption. At step t, with state (h, c) from step t-1 and word w_{t-1}:
+
+        context, alpha_t = attention(features, h)
+        context = sigmoid(f_beta(h)) * context            # the gate of section 4.2.1 of the paper
+        h, c = LSTMCell([embed(w_{t-1}); context], (h, c))
+        logits_t = output_layer(dropout(h))
+
+    The initial state is a linear function of the mean feature vector (section 3.1.2).
+    """
+
+    def __init__(self, config: ShowAttendTellConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.attention = ShowAttendTellAttention(config.encoder_dim, config.decoder_dim, config.attention_dim)
+        self.init_hidden = nn.Linear(config.encoder_dim, config.decoder_dim)
+        self.init_cell = nn.Linear(config.encoder_dim, config.decoder_dim)
+        self.gate = nn.Linear(config.decoder_dim, config.encoder_dim)
+        self.lstm = nn.LSTMCell(config.embed_dim + config.encoder_dim, config.decoder_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output_layer = nn.Linear(config.decoder_dim, config.vocab_size)
+        self.gradient_checkpointing = False
+
+    def initial_state(self, features: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, num_pixels, encoder_dim) -> hidden, cell of shape (images * rows_per_image, decoder_dim)."""
+        mean_features = features.mean(dim=1)
+        hidden = self.init_hidden(mean_features).repeat_interleave(rows_per_image, dim=0)
+        cell = self.init_cell(mean_features).repeat_interleave(rows_per_image, dim=0)
+        return hidden, cell
+
+    def step(
+        self,
+        input_ids: torch.LongTensor,
+        features: torch.Tensor,
+        projected_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One word for every row: input_ids (rows,) -> logits (rows, vocab), alpha (rows, num_pixels), hidden, cell."""
+        context, alpha = self.attention(features, projected_features, hidden)
+        context = torch.sigmoid(self.gate(hidden)) * context
+        embedded = self.embedding(input_ids)
+        lstm_input = torch.cat([embedded, context.to(embedded.dtype)], dim=-1)
+        hidden, cell = self.lstm(lstm_input, (hidden, cell))
+        logits = self.output_layer(self.dropout(hidden))
+        return logits, alpha, hidden, cell
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        features: torch.Tensor,
+        cache: ShowAttendTellCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShowAttendTellCache]:
+        """
+        Teacher-forced decoding of `input_ids` (rows, steps), continuing from `cache` when given.
+
+        Returns logits (rows, steps, vocab_size), alphas (rows, steps, num_pixels), LSTM outputs
+        (rows, steps, decoder_dim) and the state after the last step.
+        """
+        rows, steps = input_ids.shape
+        if cache is None:
+            images = features.shape[0]
+            if rows % images:
+                raise ValueError(
+                    f"{rows} token rows cannot be grouped evenly over {images} images: rows must be "
+                    "images x rows_per_image, grouped by image"
+                )
+            hidden, cell = self.initial_state(features, rows // images)
+            cache = ShowAttendTellCache(features, self.attention.project_features(features), hidden, cell)
+        hidden, cell = cache.hidden, cache.cell
+        all_logits, all_alphas, all_hidden = [], [], []
+        for t in range(steps):
+            if self.gradient_checkpointing and self.training:
+                # transformers sets _gradient_checkpointing_func when checkpointing is enabled
+                logits, alpha, hidden, cell = self._gradient_checkpointing_func(
+                    self.step, input_ids[:, t], cache.features, cache.projected_features, hidden, cell
+                )
+            else:
+                logits, alpha, hidden, cell = self.step(
+                    input_ids[:, t], cache.features, cache.projected_features, hidden, cell
+                )
+            all_logits.append(logits)
+            all_alphas.append(alpha)
+            all_hidden.append(hidden)
+        new_cache = ShowAttendTellCache(
+            cache.features, cache.projected_features, hidden, cell, cache.seq_length + steps
+        )
+        return (
+            torch.stack(all_logits, dim=1),
+            torch.stack(all_alphas, dim=1),
+            torch.stack(all_hidden, dim=1),
+            new_cache,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class ShowAttendTellPreTrainedModel(PreTrainedModel):
+    config_class = ShowAttendTellConfig
+    config: ShowAttendTellConfig
+    base_model_prefix = "encoder"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ShowAttendTellDecoder"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialises every parameter, so a model loaded with missing weights is fully defined."""
+        std = self.config.init_std
+        if isinstance(module, nn.Embedding):
+            # As in the reference implementation: small uniform embedding and output layer, zero bias.
+            init.uniform_(module.weight, -std, std)
+        elif isinstance(module, nn.Linear) and module is getattr(
+            getattr(self, "decoder", None), "output_layer", None
+        ):
+            init.uniform_(module.weight, -std, std)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            bound = 1.0 / module.in_features**0.5
+            init.uniform_(module.weight, -bound, bound)
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LSTMCell):
+            bound = 1.0 / module.hidden_size**0.5
+            for parameter in (module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh):
+                init.uniform_(parameter, -bound, bound)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: int) -> torch.Tensor:
+    """Decoder inputs from targets: `<start>` then the targets without the last one; -100 becomes `<pad>`."""
+    decoder_input_ids = labels.new_full(labels.shape, pad_token_id)
+    decoder_input_ids[:, 1:] = labels[:, :-1]
+    decoder_input_ids[:, 0] = start_token_id
+    return decoder_input_ids.masked_fill(decoder_input_ids == -100, pad_token_id)
+
+
+class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, GenerationMixin):
+    """
+    Show, Attend and Tell: ResNet encoder + soft-attention LSTM decoder.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> model = AutoModel.from_pretrained("path/to/model", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("path/to/model", trust_remote_code=True)
+    >>> inputs = processor(images=image, return_tensors="pt")
+    >>> ids = model.generate(**inputs, num_beams=5, max_new_tokens=30)
+    >>> processor.batch_decode(ids, skip_special_tokens=True)
+    ```
+    """
+
+    def __init__(self, config: ShowAttendTellConfig) -> None:
+        super().__init__(config)
+        self.encoder = ShowAttendTellEncoder(config)
+        self.decoder = ShowAttendTellDecoder(config)
+        self.post_init()
+        if self.generation_config is not None:
+            # Captioning defaults (the paper's implementation decodes with a beam of 3, captions of up to 50
+            # words); generation_config.json overrides them when a saved model is loaded.
+            self.generation_config.num_beams = DEFAULT_NUM_BEAMS
+            self.generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+
+    # -- accessors the library relies on -----------------------------------------------------------
+
+    def get_encoder(self, modality: str | None = None) -> ShowAttendTellEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> ShowAttendTellDecoder:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embedding = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder.output_layer
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.decoder.output_layer = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The decoder's state is an LSTM state, not keys and values: generate() must not build a DynamicCache.
+        return False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the folder also loads with the image-to-text auto class."""
+        if self._auto_class is not None:
+            reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            for name in IMAGE_TO_TEXT_AUTO_CLASSES:
+                auto_map.setdefault(name, reference)
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple[torch.Tensor, ...] | None = None,
+        past_key_values: ShowAttendTellCache | None = None,
+        cache: ShowAttendTellCache | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ShowAttendTellOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(images, 3, height, width)`):
+                Normalised images, as made by the image processor. Not needed with `encoder_outputs`.
+            input_ids / decoder_input_ids (`torch.LongTensor` of shape `(rows, steps)`):
+                Caption tokens fed to the decoder, starting with `<start>`. `rows` is a multiple of
+                `images`: the rows of image `i` are `i * k ... i * k + k - 1` (several captions of one
+                image, or the beams of one image). The model has no text encoder, so both names mean
+                the decoder's input. Made from `labels` when not given.
+            attention_mask / decoder_attention_mask (`(rows, steps)`):
+                Accepted for API compatibility; padding is handled through `labels` (-100 or `<pad>`).
+            labels (`torch.LongTensor` of shape `(rows, steps)`):
+                Next-word targets aligned with the decoder inputs. `-100` and `<pad>` are ignored.
+            encoder_outputs: precomputed `last_hidden_state` of shape `(images, num_pixels, encoder_dim)`.
+            past_key_values / cache (`ShowAttendTellCache`): decoding state of the previous steps.
+            use_cache: return the decoding state (defaults to `config.use_cache` without labels).
+            output_attentions: return the attention weights as `cross_attentions` (always computed).
+            output_hidden_states: return the LSTM outputs and the ResNet's intermediate feature maps.
+
+        Returns:
+            [`ShowAttendTellOutput`]: loss (with labels), logits `(rows, steps, vocab_size)`,
+            `cross_attentions` `(rows, steps, num_pixels)`, the decoding state, encoder features.
+        """
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        output_hidden_states = bool(output_hidden_states)
+        state = cache if cache is not None else past_key_values
+        if decoder_input_ids is None:
+            decoder_input_ids = input_ids
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass input_ids (or decoder_input_ids) or labels")
+            decoder_input_ids = shift_tokens_right(
+                labels, self.config.pad_token_id, self.config.decoder_start_token_id
+            )
+        if use_cache is None:
+            use_cache = self.config.use_cache and labels is None
+
+        if state is not None:
+            features = state.features
+            encoder_hidden_states = None
+        else:
+            if encoder_outputs is None:
+                if pixel_values is None:
+                    raise ValueError("pass pixel_values or encoder_outputs")
+                encoder_outputs = self.encoder(
+                    pixel_values, output_hidden_states=output_hidden_states, return_dict=True
+                )
+            elif not isinstance(encoder_outputs, ModelOutput):
+                encoder_outputs = BaseModelOutput(
+                    last_hidden_state=encoder_outputs[0],
+                    hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                )
+            features = encoder_outputs.last_hidden_state
+            encoder_hidden_states = encoder_outputs.hidden_states
+        if not torch.is_autocast_enabled(features.device.type):  # under autocast each op picks its dtype
+            features = features.to(self.dtype)
+
+        logits, alphas, lstm_outputs, new_state = self.decoder(decoder_input_ids, features, state)
+
+        loss = None
+        if labels is not None:
+            targets = labels.masked_fill(labels == self.config.pad_token_id, -100)
+            cross_entropy = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+            # Doubly-stochastic attention (eq. 14): over the words of a caption, every position should
+            # receive about one unit of attention in total. Padded steps do not count.
+            valid_steps = (targets != -100).unsqueeze(-1).to(alphas.dtype)
+            attention_totals = (alphas * valid_steps).sum(dim=1)
+            penalty = ((1.0 - attention_totals) ** 2).mean()
+            loss = cross_entropy + self.config.alpha_c * penalty.float()
+
+        outputs = ShowAttendTellOutput(
+            loss=loss,
+            logits=logits,
+            decoder_hidden_states=(lstm_outputs,) if output_hidden_states else None,
+            cross_attentions=alphas if output_attentions is not False else None,
+            encoder_last_hidden_state=features,
+            encoder_hidden_states=encoder_hidden_states,
+        )
+        if use_cache:
+            outputs[CACHE_NAME] = new_state
+        return outputs if return_dict else outputs.to_tuple()
+
+    # -- generate() integration -----------------------------------------------------------------------
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor, dict]:
+        # generate() would copy each image's features once per beam (or returned sequence). The decoder
+        # groups rows by image instead, so keep one copy per image.
+        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=False, input_ids=input_ids, **model_kwargs
+        )
+        if encoder_outputs is not None:
+            model_kwargs["encoder_outputs"] = encoder_outputs
+        return input_ids, model_kwargs
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: ShowAttendTellCache | None = None,
+        cache: ShowAttendTellCache | None = None,
+        encoder_outputs: BaseModelOutput | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> dict:
+        state = cache if cache is not None else past_key_values
+        if state is not None:
+            # Only the tokens the LSTM has not consumed yet (the last one, after the first step).
+            input_ids = input_ids[:, state.get_seq_length() :]
+        return {
+            "decoder_input_ids": input_ids,
+            "encoder_outputs": encoder_outputs,
+            CACHE_NAME: state,
+            "use_cache": True if use_cache is None else use_cache,
+            "output_attentions": output_attentions,
+            "output_hidden_states": output_hidden_states,
+        }
+
+    def generate(self, *args, **kwargs):
+        """
+        `GenerationMixin.generate`, plus one convenience: with `output_attentions=True` and
+        `return_dict_in_generate=True` the output has `attention_maps`, a tensor of shape
+        `(num_sequences, generated_tokens, num_pixels)` holding, for every returned sequence, the
+        attention of the step that produced each of its words (zeros after the sequence ended).
+        """
+        outputs = super().generate(*args, **kwargs)
+        if isinstance(outputs, ModelOutput) and getattr(outputs, "cross_attentions", None):
+            outputs["attention_maps"] = self._attention_maps_per_sequence(outputs)
+        return outputs
+
+    @staticmethod
+    def _attention_maps_per_sequence(outputs: ModelOutput) -> torch.Tensor:
+        """Follows each returned sequence through generate()'s per-step attentions (beams via `beam_indices`)."""
+        step_maps = [step_alpha[:, -1] for step_alpha in outputs.cross_attentions]  # (rows, num_pixels) each
+        sequences = outputs.sequences
+        num_sequences, steps = sequences.shape[0], len(step_maps)
+        beam_indices = getattr(outputs, "beam_indices", None)
+        maps = step_maps[0].new_zeros(num_sequences, steps, step_maps[0].shape[-1])
+        for t, step_map in enumerate(step_maps):
+            if beam_indices is not None:
+                rows = beam_indices[:, t].long()
+                present = rows >= 0
+                maps[present, t] = step_map[rows[present]]
+            else:
+                maps[:, t] = step_map
+        return maps
+
+
+__all__ = [
+    "ShowAttendTellCache",
+    "ShowAttendTellEncoder",
+    "ShowAttendTellForConditionalGeneration",
+    "ShowAttendTellOutput",
+    "ShowAttendTellPreTrainedModel",
+    "convert_torchvision_resnet_state_dict",
+]

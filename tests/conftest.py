@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny word map, model and processor, and a helper for meaningful decoding tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutput
+
+from show_attend_tell import (
+    ShowAttendTellConfig,
+    ShowAttendTellForConditionalGeneration,
+    ShowAttendTellImageProcessor,
+    ShowAttendTellProcessor,
+    ShowAttendTellTokenizer,
+)
+
+# Tests are CPU-only and must not oversubscribe the 2 cores when several processes run.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CAPTIONS = [
+    "a small red circle left of a blue square",
+    "a large green star above a yellow triangle",
+    "a blue square right of a small red circle",
+    "there is a yellow triangle below a green star",
+] * 5
+
+
+@pytest.fixture
+def tokenizer() -> ShowAttendTellTokenizer:
+    return ShowAttendTellTokenizer.train_from_captions(CAPTIONS, min_freq=5)
+
+
+def sharpen_decoder(model: ShowAttendTellForConditionalGeneration, std: float = 0.6, seed: int = 0) -> None:
+    """
+    Gives the decoder weights large enough that each word's log-probabilities depend clearly on the words
+    and image before it. With the default small initialisation, decoding tests could pass with a broken
+    state or beam reorder, because every step would look alike.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.decoder.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+def unit_features(images: int, config: ShowAttendTellConfig, seed: int = 0) -> BaseModelOutput:
+    """Unit-scale image features (a random ResNet's are 1e4 or more and saturate the LSTM)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(images, config.num_pixels, config.encoder_dim, generator=generator)
+    return BaseModelOutput(last_hidden_state=features)
+
+
+@pytest.fixture
+def tiny_model(tokenizer) -> ShowAttendTellForConditionalGeneration:
+    torch.manual_seed(0)
+    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=len(tokenizer)))
+    sharpen_decoder(model)
+    return model.eval()
+
+
+@pytest.fixture
+def processor(tokenizer) -> ShowAttendTellProcessor:
+    return ShowAttendTellProcessor(ShowAttendTellImageProcessor(size=64), tokenizer)
+
+
+@pytest.fixture
+def sample_image() -> Image.Image:
+    generator = torch.Generator().manual_seed(1)
+    pixels = (torch.rand(48, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)

@@ -1,0 +1,206 @@
+"""Word-map tokenizer, image processor and processor."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAPTIONS
+from PIL import Image
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+from show_attend_tell import ShowAttendTellImageProcessor, ShowAttendTellTokenizer
+from show_attend_tell.image_processing_show_attend_tell import IMAGENET_MEAN, IMAGENET_STD
+
+pytestmark = pytest.mark.compat
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+
+def test_special_tokens_have_the_classic_ids(tokenizer):
+    vocab = tokenizer.get_vocab()
+    assert [vocab[t] for t in ("<pad>", "<start>", "<end>", "<unk>")] == [0, 1, 2, 3]
+    assert tokenizer.pad_token_id == 0 and tokenizer.bos_token_id == 1 and tokenizer.eos_token_id == 2
+
+
+def test_min_freq_counts_only_the_given_captions():
+    train = ["a dog runs"] * 5 + ["a cat sleeps"] * 4
+    tokenizer = ShowAttendTellTokenizer.train_from_captions(train, min_freq=5)
+    vocab = tokenizer.get_vocab()
+    assert {"a", "dog", "runs"} <= vocab.keys()
+    assert "cat" not in vocab and "sleeps" not in vocab  # seen 4 times: below min_freq
+    assert tokenizer.decode(tokenizer("a cat runs")["input_ids"], skip_special_tokens=True) == "a <unk> runs"
+    # most frequent word first
+    assert vocab["a"] == 4
+
+
+def test_lower_case_and_punctuation_removed(tokenizer):
+    ids = tokenizer("A SMALL, red circle... (left) of a BLUE square!")["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a small red circle left of a blue square"
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.normalize_caption("It's a Dog-shaped, RED kite.") == [
+        "it",
+        "s",
+        "a",
+        "dog",
+        "shaped",
+        "red",
+        "kite",
+    ]
+
+
+def test_decode_stops_at_the_first_end_and_skips_padding(tokenizer):
+    red, circle = tokenizer.convert_tokens_to_ids(["red", "circle"])
+    assert tokenizer.decode([1, red, circle, 2, 0, 0], skip_special_tokens=True) == "red circle"
+    # beam search pads finished rows with <end>; sampling with <pad>
+    assert tokenizer.batch_decode([[1, red, 2, 2, 2], [1, circle, 2, 0, 0]], skip_special_tokens=True) == [
+        "red",
+        "circle",
+    ]
+    assert tokenizer.decode([1, red, 2], skip_special_tokens=False) == "<start> red <end>"
+
+
+def test_padding_and_truncation(tokenizer):
+    batch = tokenizer(["a red circle", "a"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch["input_ids"][1].tolist() == [1, tokenizer.convert_tokens_to_ids("a"), 2, 0, 0]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0]
+    long = tokenizer(" ".join(["red"] * 80), truncation=True)["input_ids"]
+    assert len(long) == tokenizer.model_max_length == 52  # 50 words, <start>, <end>
+
+
+def test_word_map_round_trip(tmp_path, tokenizer):
+    path = tmp_path / "WORDMAP.json"
+    tokenizer.save_word_map(path)
+    word_map = json.loads(path.read_text())
+    assert word_map == tokenizer.get_vocab()
+    again = ShowAttendTellTokenizer.from_word_map(path)
+    assert again("a blue star")["input_ids"] == tokenizer("a blue star")["input_ids"]
+
+
+def test_classic_word_map_keeps_its_ids():
+    """The paper implementation's layout: words from 1, then <unk>, <start>, <end>, and <pad> = 0."""
+    classic = {"a": 1, "dog": 2, "<unk>": 3, "<start>": 4, "<end>": 5, "<pad>": 0}
+    tokenizer = ShowAttendTellTokenizer.from_word_map(classic)
+    assert tokenizer("a dog")["input_ids"] == [4, 1, 2, 5]
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 4, 5)
+    assert tokenizer.decode([4, 1, 2, 5, 0], skip_special_tokens=True) == "a dog"
+    assert tokenizer.to_word_map() == dict(sorted(classic.items(), key=lambda item: item[1]))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not a valid word-map JSON"),
+        ('["a", "b"]', "JSON object"),
+        ('{"a": "one", "<pad>": 0}', "JSON object"),
+        ('{"a": 1, "<pad>": 0}', "lacks the special tokens"),
+        ('{"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 2}', "same id"),
+        ('{"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 7}', "without gaps"),
+    ],
+)
+def test_malformed_word_maps_give_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        ShowAttendTellTokenizer.from_word_map(path)
+
+
+def test_tokenizer_saves_as_tokenizer_json_and_loads_with_auto_tokenizer(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").exists()
+    loaded = AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "ShowAttendTellTokenizer"  # 4.x loads the saved code file
+    for caption in CAPTIONS[:4]:
+        assert loaded(caption)["input_ids"] == tokenizer(caption)["input_ids"]
+    assert loaded.decode([1, 5, 2, 0], skip_special_tokens=True) == tokenizer.decode(
+        [1, 5, 2, 0], skip_special_tokens=True
+    )
+
+
+# --- image processor ----------------------------------------------------------------------------
+
+
+def test_image_processor_resizes_and_normalises(sample_image):
+    processor = ShowAttendTellImageProcessor()
+    pixel_values = processor(sample_image)["pixel_values"]
+    assert pixel_values.shape == (1, 3, 256, 256) and pixel_values.dtype == torch.float32
+    resized = np.asarray(
+        sample_image.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR), np.float32
+    )
+    expected = ((resized / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
+    np.testing.assert_allclose(pixel_values[0].numpy(), expected, atol=1e-5)
+
+
+def test_image_processor_accepts_arrays_tensors_and_lists(sample_image):
+    processor = ShowAttendTellImageProcessor(size=32)
+    array = np.asarray(sample_image)
+    from_pil = processor(sample_image)["pixel_values"]
+    torch.testing.assert_close(processor(array)["pixel_values"], from_pil)
+    torch.testing.assert_close(processor(torch.from_numpy(array).permute(2, 0, 1))["pixel_values"], from_pil)
+    torch.testing.assert_close(
+        processor(array.astype(np.float32) / 255.0)["pixel_values"], from_pil, atol=1e-5, rtol=0
+    )
+    assert processor([sample_image, array, sample_image.convert("L")])["pixel_values"].shape == (3, 3, 32, 32)
+    assert processor(sample_image, return_tensors="np")["pixel_values"].dtype == np.float32
+
+
+def test_image_processor_sees_exif_rotated_photos_upright():
+    upright = Image.new("RGB", (40, 20), "white")
+    upright.paste((255, 0, 0), (0, 0, 20, 20))  # red on the left half
+    stored = upright.rotate(90, expand=True)  # how a phone stores a rotated shot
+    exif = stored.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif.tobytes())
+    photo = Image.open(io.BytesIO(buffer.getvalue()))
+    processor = ShowAttendTellImageProcessor(size=16)
+    pixels = processor(photo)["pixel_values"][0]
+    reference = processor(upright)["pixel_values"][0]
+    assert (pixels - reference).abs().mean() < 0.1
+
+
+def test_image_processor_composites_transparency_on_white():
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    pixels = ShowAttendTellImageProcessor(size=8)(transparent)["pixel_values"][0]
+    white = (1.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(pixels[:, 0, 0], white.float())
+
+
+def test_image_processor_rejects_unknown_arguments_and_shapes(sample_image):
+    processor = ShowAttendTellImageProcessor()
+    with pytest.raises(TypeError, match="unexpected arguments: do_crop"):
+        processor(sample_image, do_crop=True)
+    with pytest.raises(ValueError, match="cannot read an image of shape"):
+        processor(np.zeros((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match="no images"):
+        processor([])
+
+
+def test_image_processor_round_trip_with_auto_image_processor(tmp_path):
+    ShowAttendTellImageProcessor(size=128, resample="bicubic").save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "ShowAttendTellImageProcessor"
+    assert loaded.size == 128 and loaded.resample == "bicubic"
+
+
+# --- processor ------------------------------------------------------------------------------------
+
+
+def test_processor_combines_images_and_text(tmp_path, processor, sample_image):
+    batch = processor(
+        images=[sample_image, sample_image], text=["a red circle", "a blue star left of a square"]
+    )
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape == batch["input_ids"].shape
+    assert processor.batch_decode(batch["input_ids"]) == ["a red circle", "a blue star left of a square"]
+    processor.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "ShowAttendTellProcessor"
+    torch.testing.assert_close(loaded(images=sample_image)["pixel_values"], batch["pixel_values"][:1])
+    with pytest.raises(ValueError, match="pass images, text, or both"):
+        processor()
