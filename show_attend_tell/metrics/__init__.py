@@ -73,7 +73,7 @@ def compute_caption_metrics(
     *,
     metrics: Iterable[str] = DEFAULT_METRICS,
     spice: bool = False,
-    meteor_timeout: float = 600.0,
+    meteor_timeout: float | None = 600.0,
     tokenizer: str = "auto",
 ) -> dict[str, float]:
     """Corpus-level coco-caption scores of generated captions against their references.
@@ -86,7 +86,7 @@ def compute_caption_metrics(
         spice: also compute SPICE; it needs Java and Stanford CoreNLP 3.6.0 and raises a
             RuntimeError explaining what is missing otherwise.
         meteor_timeout: seconds each Java subprocess (PTB tokeniser, METEOR, SPICE) may run before it
-            is killed; a METEOR timeout leaves METEOR out with a warning.
+            is killed (None: no limit); a METEOR timeout leaves METEOR out with a warning.
         tokenizer: "auto" (Stanford PTB tokeniser when METEOR/SPICE are requested and Java works, as
             coco-caption does; else the pure-Python :func:`ptb_like_tokenize`), "ptb" or "python".
 

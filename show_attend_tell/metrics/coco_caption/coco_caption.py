@@ -14,7 +14,8 @@ Definitions follow the MS-COCO caption evaluation code (pycocoevalcap 1.2):
   (pycocoevalcap's ``BleuScorer``);
 * METEOR 1.5 (``-l en -norm``) through the jar shipped with pycocoevalcap, corpus-level
   (the aggregate of all segment statistics, not the mean of segment scores);
-* ROUGE-L is the mean over images of the LCS F-measure (beta 1.2) against the best reference;
+* ROUGE-L is the mean over images of the LCS F-measure (beta 1.2), with precision and recall each
+  taken from the reference that maximises it;
 * CIDEr (not CIDEr-D) is pycocoevalcap's ``CiderScorer`` (n=4, sigma=6), document frequencies taken
   over the references of the evaluated corpus;
 * SPICE 1.0 with the jar shipped with pycocoevalcap, when asked for.
@@ -35,6 +36,7 @@ import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from typing import Any
 
 try:
     import datasets
@@ -339,7 +341,7 @@ def _pycocoevalcap_dir(*parts: str) -> str:
     )
 
 
-def _ptb_tokenize(texts: list[str], java: str, timeout: float) -> list[str]:
+def _ptb_tokenize(texts: list[str], java: str, timeout: float | None) -> list[str]:
     """Stanford PTB tokenisation exactly as pycocoevalcap runs it (same jar and flags), but fed
     through stdin with a timeout and without writing into the installed package."""
     jar = _pycocoevalcap_dir("tokenizer", "stanford-corenlp-3.4.1.jar")
@@ -385,7 +387,7 @@ def _tail(data: bytes, limit: int = 2000) -> str:
     return text[-limit:] if text else "(no error output)"
 
 
-def _meteor(references: list[list[str]], hypotheses: list[str], java: str, timeout: float) -> float:
+def _meteor(references: list[list[str]], hypotheses: list[str], java: str, timeout: float | None) -> float:
     """Corpus METEOR 1.5 with pycocoevalcap's jar and settings, through a subprocess that is always
     closed here (pycocoevalcap's wrapper closes it in ``__del__``, which can hang at interpreter
     exit) and killed by a watchdog if it takes longer than ``timeout`` seconds."""
@@ -424,9 +426,10 @@ def _meteor(references: list[list[str]], hypotheses: list[str], java: str, timeo
 
         # Every blocking read or write below returns once the process is killed, so the watchdog
         # bounds the whole exchange, Java start-up included.
-        watchdog = threading.Timer(timeout, kill)
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog = threading.Timer(timeout, kill) if timeout is not None else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
         assert proc.stdin is not None and proc.stdout is not None
 
         def ask(line: str) -> str:
@@ -459,7 +462,8 @@ def _meteor(references: list[list[str]], hypotheses: list[str], java: str, timeo
             stderr.seek(0)
             raise _JavaFailure(f"METEOR failed ({type(err).__name__}): {_tail(stderr.read())}") from err
         finally:
-            watchdog.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             _close(proc)
     return 0.0 if math.isnan(score) else min(max(score, 0.0), 1.0)
 
@@ -501,7 +505,7 @@ def _check_spice_jars() -> str:
     return spice_dir
 
 
-def _spice(references: list[list[str]], hypotheses: list[str], java: str, timeout: float) -> float:
+def _spice(references: list[list[str]], hypotheses: list[str], java: str, timeout: float | None) -> float:
     """Mean SPICE F-score with pycocoevalcap's jar, run with a timeout and temporary files outside
     the installed package. Captions without any scene-graph tuple (F undefined) count as 0."""
     spice_dir = _check_spice_jars()
@@ -665,7 +669,7 @@ def compute_scores(
     metrics: Iterable[str] | str = DEFAULT_METRICS,
     *,
     spice: bool = False,
-    java_timeout: float = DEFAULT_JAVA_TIMEOUT,
+    java_timeout: float | None = DEFAULT_JAVA_TIMEOUT,
     tokenizer: str = "auto",
 ) -> dict[str, float]:
     """Corpus-level coco-caption scores of ``predictions`` against ``references``.
@@ -675,7 +679,7 @@ def compute_scores(
         references: for each prediction, a list of reference captions (a bare string counts as one).
         metrics: any of "bleu", "meteor", "rouge", "cider", "spice".
         spice: also compute SPICE (needs Java and Stanford CoreNLP 3.6.0; raises if unavailable).
-        java_timeout: seconds each Java subprocess may run before it is killed.
+        java_timeout: seconds each Java subprocess may run before it is killed (None: no limit).
         tokenizer: "ptb" (Stanford PTB tokeniser in Java, exactly coco-caption), "python"
             (:func:`ptb_like_tokenize`, no Java) or "auto": PTB when a Java metric (METEOR, SPICE) is
             requested and Java works, otherwise Python. So BLEU/ROUGE/CIDEr alone never start Java.
@@ -688,6 +692,8 @@ def compute_scores(
     """
     preds, refs = _validate(predictions, references)
     wanted = _select_metrics(metrics, spice)
+    if java_timeout is not None and not java_timeout > 0:
+        raise ValueError(f"the Java timeout must be positive (or None for no limit), got {java_timeout!r}")
     if tokenizer not in _TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {_TOKENIZERS}, got {tokenizer!r}")
     needs_java = "meteor" in wanted or "spice" in wanted or tokenizer == "ptb"
@@ -817,13 +823,22 @@ if evaluate is not None:
                 reference_urls=["https://arxiv.org/abs/1504.00325"],
             )
 
+        def compute(self, *, predictions: Any = None, references: Any = None, **kwargs: Any) -> dict | None:
+            """Compute the metrics (arguments below)."""
+            # evaluate itself fails with an IndexError on an empty list (it infers the feature
+            # type from the first example); say what is wrong instead. The docstring is needed:
+            # evaluate appends the inputs description to it.
+            if predictions is not None and len(predictions) == 0:
+                raise ValueError("no predictions to score")
+            return super().compute(predictions=predictions, references=references, **kwargs)
+
         def _compute(
             self,
             predictions: Sequence[str],
             references: Sequence[Sequence[str] | str],
             metrics: Iterable[str] | str = DEFAULT_METRICS,
             spice: bool = False,
-            meteor_timeout: float = DEFAULT_JAVA_TIMEOUT,
+            meteor_timeout: float | None = DEFAULT_JAVA_TIMEOUT,
             tokenizer: str = "auto",
         ) -> dict[str, float]:
             return compute_scores(
