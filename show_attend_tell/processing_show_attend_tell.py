@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import transformers
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -16,8 +17,10 @@ class ShowAttendTellProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # 4.x looks the sub-processors up by these names; 5.x infers them from __init__ and warns if set.
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs) -> None:
         super().__init__(image_processor, tokenizer, **kwargs)
