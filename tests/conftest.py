@@ -17,6 +17,20 @@ from show_attend_tell import (
     ShowAttendTellTokenizer,
 )
 
+try:
+    import datasets  # noqa: F401
+except ImportError:
+    # Under `make test-compat` (transformers 4.57 overlay) the installed datasets 5.x cannot import; only the
+    # compat-marked tests run there, and none of them needs datasets.
+    collect_ignore = [
+        "test_app.py",
+        "test_data.py",
+        "test_evaluate_script.py",
+        "test_retrieval.py",
+        "test_serve.py",
+        "test_training.py",
+    ]
+
 # Tests are CPU-only and must not oversubscribe the 2 cores when several processes run.
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

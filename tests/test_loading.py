@@ -112,7 +112,8 @@ def test_fresh_process_without_the_package_loads_and_captions(
     image_path = tmp_path / "image.png"
     sample_image.save(image_path)
     if loader == "same major":
-        overlay = Path(os.environ["PYTHONPATH"]) if os.environ.get("PYTHONPATH") else None
+        paths = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+        overlay = Path(paths[0]).resolve() if paths else None
     else:
         overlay = _other_major_overlay()
     result = run_remote_load(saved_folder, image_path, tmp_path, overlay)
