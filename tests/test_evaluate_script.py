@@ -1,0 +1,419 @@
+"""scripts/evaluate.py: captioning a split with several beam sizes, scoring a predictions file, the model card."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image as PILImage
+
+from show_attend_tell.hub import normalize_eval_results
+from show_attend_tell.metrics import compute_caption_metrics
+from show_attend_tell.saving import save_model_folder
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "evaluate.py"
+
+_spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+evaluate_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(evaluate_script)
+
+NUM_IMAGES = 7  # not a multiple of the batch size below, so the last batch is partial
+
+
+@pytest.fixture(scope="module")
+def data_args(tmp_path_factory) -> list[str]:
+    """A tiny synthetic test split (generated once, cached on disk for the module's tests)."""
+    cache = tmp_path_factory.mktemp("synthetic")
+    return [
+        "--dataset",
+        "synthetic",
+        "--cache-dir",
+        str(cache),
+        "--dataset-option",
+        "image_size=32",
+        "--max-samples",
+        str(NUM_IMAGES),
+        "--no-progress",
+    ]
+
+
+@pytest.fixture(scope="module")
+def split(data_args):
+    return evaluate_script.load_split(evaluate_script.parse_args(["--predictions", "unused", *data_args]))
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_model, processor) -> Path:
+    return save_model_folder(tmp_path / "model", tiny_model, processor)
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    status = evaluate_script.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+# --- captioning with a model -------------------------------------------------------------------------
+
+
+def test_model_run_writes_scores_captions_table_card_and_retrieval(
+    tmp_path, model_dir, data_args, split, tiny_model, processor, capsys, monkeypatch
+):
+    monkeypatch.setenv("SHOW_ATTEND_TELL_CACHE", str(tmp_path / "cache"))  # retrieval's feature cache
+    card = shutil.copyfile(REPO / "model_card.md", tmp_path / "model_card.md")
+    output = tmp_path / "eval" / "results.json"
+    status, out, err = run(
+        [
+            "--model", model_dir, *data_args, "--split", "test", "--num-beams", "2", "1",
+            "--batch-size", 3, "--num-workers", 1, "--max-new-tokens", 12, "--device", "auto",
+            "--metrics", "bleu", "rouge", "cider", "--output", output, "--retrieval",
+            "--update-model-card", card, "--card-beams", "all",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert status == 0, err
+    report = json.loads(output.read_text())
+
+    assert report["dataset"] == "synthetic" and report["split"] == "test"
+    assert report["num_images"] == NUM_IMAGES == len(split)
+    assert list(report["results"]) == ["beam_1", "beam_2"] == list(report["predictions"])
+    assert report["settings"]["num_beams"] == [1, 2] and report["settings"]["device"] == "cpu"
+    assert report["timings"]["captioning_seconds"] > 0
+    keys = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"}
+    for label, scores in report["results"].items():
+        assert set(scores) == keys
+        assert all(0.0 <= scores[k] <= 1.0 for k in keys - {"cider"}) and 0.0 <= scores["cider"] <= 10.0
+
+        # One caption per image, in the split's order, with that image's references.
+        rows = report["predictions"][label]
+        assert [r["image_id"] for r in rows] == split["image_id"]
+        assert [r["references"] for r in rows] == split["captions"]
+        # The JSON's scores are those of the captions it holds.
+        expected = compute_caption_metrics(
+            [r["caption"] for r in rows], [r["references"] for r in rows], metrics=("bleu", "rouge", "cider")
+        )
+        assert scores == pytest.approx(expected, abs=1e-12)
+
+    # Batched, shared-encoder decoding gives what one generate() per picture gives.
+    for row, image in zip(report["predictions"]["beam_2"], split["image"], strict=True):
+        with torch.no_grad():
+            ids = tiny_model.generate(**processor(images=image), num_beams=2, max_new_tokens=12)
+        assert row["caption"] == processor.batch_decode(ids)[0]
+
+    # The table: a header with the metric names, one row per beam size, percentages with one decimal.
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("Decoding"))
+    assert header.split() == ["Decoding", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
+    beam_1 = next(line for line in lines if line.startswith("beam 1"))
+    assert beam_1.split()[2] == f"{100 * report['results']['beam_1']['bleu_1']:.1f}"
+    assert any(line.startswith("beam 2") for line in lines)
+
+    retrieval = report["retrieval"]
+    assert retrieval["num_images"] == NUM_IMAGES and retrieval["num_queries"] == 5 * NUM_IMAGES
+    assert all(0.0 <= retrieval[f"recall@{k}"] <= 1.0 for k in (1, 5, 10))
+    assert retrieval["recall@10"] == 1.0  # 7 images: every rank is within 10
+    assert "R@1" in out
+
+    # The results file scores again with --predictions (e.g. after METEOR failed): the same numbers.
+    status, _, err = run(["--predictions", output, *data_args, "--metrics", "bleu", "rouge", "cider"], capsys)
+    assert status == 2 and "pick one with --predictions-entry" in err
+    rescored = tmp_path / "rescored.json"
+    argv = ["--predictions", output, "--predictions-entry", "beam_2", *data_args, "--output", rescored]
+    status, _, err = run([*argv, "--metrics", "bleu", "rouge", "cider"], capsys)
+    assert status == 0, err
+    assert json.loads(rescored.read_text())["results"]["predictions"] == report["results"]["beam_2"]
+
+    # push_to_hub.py --eval-results reads the same file.
+    normalized = normalize_eval_results(report)
+    assert [r["num_beams"] for r in normalized["results"]] == [1, 2]
+    assert normalized["results"][1]["metrics"]["BLEU-4"] == round(
+        100 * report["results"]["beam_2"]["bleu_4"], 2
+    )
+
+    # Both beam sizes went into the card's model-index, in percent.
+    metadata = front_matter(card.read_text())
+    metrics = metadata["model-index"][0]["results"][0]["metrics"]
+    by_beam = {(m["name"], m["args"]["num_beams"]): m["value"] for m in metrics}
+    assert by_beam[("BLEU-4", 2)] == round(100 * report["results"]["beam_2"]["bleu_4"], 2)
+    assert by_beam[("ROUGE-L", 1)] == round(100 * report["results"]["beam_1"]["rouge_l"], 2)
+
+
+# --- a predictions file ------------------------------------------------------------------------------
+
+
+def test_perfect_predictions_score_far_above_shuffled_ones(tmp_path, data_args, split, capsys):
+    ids, refs = split["image_id"], split["captions"]
+    perfect = write_jsonl(
+        tmp_path / "perfect.jsonl", [{"image_id": i, "caption": r[0]} for i, r in zip(ids, refs, strict=True)]
+    )
+    rotated = refs[1:] + refs[:1]  # every image gets another image's caption
+    shuffled = write_jsonl(
+        tmp_path / "shuffled.jsonl",
+        [{"image_id": i, "caption": r[0]} for i, r in zip(ids, rotated, strict=True)],
+    )
+    # The same captions as a JSON array (coco-caption's results format), in another order, ids as given.
+    array = tmp_path / "perfect.json"
+    array.write_text(
+        json.dumps([{"image_id": i, "caption": r[0]} for i, r in reversed(list(zip(ids, refs, strict=True)))])
+    )
+
+    scores = {}
+    for name, path in (("perfect", perfect), ("shuffled", shuffled), ("array", array)):
+        output = tmp_path / f"{name}.out.json"
+        status, out, err = run(
+            ["--predictions", path, *data_args, "--metrics", "bleu", "--output", output], capsys
+        )
+        assert status == 0, err
+        report = json.loads(output.read_text())
+        assert report["model"] is None and list(report["results"]) == ["predictions"]
+        assert len(report["predictions"]["predictions"]) == NUM_IMAGES
+        scores[name] = report["results"]["predictions"]
+        assert "predictions" in out  # the table's row
+    assert scores["perfect"]["bleu_4"] == pytest.approx(1.0)
+    assert scores["array"] == scores["perfect"]
+    assert scores["shuffled"]["bleu_4"] < scores["perfect"]["bleu_4"] - 0.3
+
+
+def perfect_rows(split) -> list[dict]:
+    return [
+        {"image_id": i, "caption": r[0]} for i, r in zip(split["image_id"], split["captions"], strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("malformed", "line 3: not valid JSON"),
+        ("unknown", "line 2: unknown image_id 'no-such-image'"),
+        ("duplicate", "again (first at line 1)"),
+        ("missing", f"no caption for 1 of the {NUM_IMAGES} images"),
+        ("not_an_object", "line 1: expected a JSON object"),
+        ("no_caption", "has no caption (the captioning run reported: corrupt file)"),
+        ("no_id", "line 1: no image_id"),
+        ("empty", "no predictions in the file"),
+    ],
+)
+def test_predictions_file_errors_name_the_line(tmp_path, data_args, split, capsys, case, message):
+    rows = perfect_rows(split)
+    lines = [json.dumps(row) for row in rows]
+    if case == "malformed":
+        lines[2] = lines[2][:-5]
+    elif case == "unknown":
+        lines[1] = json.dumps({"image_id": "no-such-image", "caption": "a red circle"})
+    elif case == "duplicate":
+        lines.append(lines[0])
+    elif case == "missing":
+        del lines[-1]
+    elif case == "not_an_object":
+        lines[0] = json.dumps(["a", "list"])
+    elif case == "no_caption":
+        lines[0] = json.dumps({"image_id": rows[0]["image_id"], "error": "corrupt file"})
+    elif case == "no_id":
+        lines[0] = json.dumps({"caption": "a red circle"})
+    elif case == "empty":
+        lines = ["", "  "]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    status, _, err = run(["--predictions", path, *data_args, "--metrics", "bleu"], capsys)
+    assert status == 2
+    assert "evaluate.py: error:" in err and message in err, err
+
+
+def test_predictions_update_the_model_card(tmp_path, data_args, split, capsys):
+    card = shutil.copyfile(REPO / "model_card.md", tmp_path / "model_card.md")
+    original = card.read_text()
+    predictions = write_jsonl(tmp_path / "p.jsonl", perfect_rows(split))
+    argv = [
+        "--predictions",
+        predictions,
+        *data_args,
+        "--metrics",
+        "bleu",
+        "rouge",
+        "--update-model-card",
+        card,
+    ]
+    status, _, err = run(argv, capsys)
+    assert status == 0, err
+    # Twice: the second run replaces the first run's results instead of adding to them.
+    status, _, err = run(argv, capsys)
+    assert status == 0, err
+
+    text = card.read_text()
+    metadata = front_matter(text)
+    assert metadata["license"] == front_matter(original)["license"]  # the rest of the metadata is kept
+    (index,) = metadata["model-index"]
+    (result,) = index["results"]
+    assert result["task"]["type"] == "image-to-text"
+    assert (
+        result["dataset"]["name"] == "synthetic"
+        and result["dataset"]["split"] == f"test (first {NUM_IMAGES})"
+    )
+    values = {m["name"]: m["value"] for m in result["metrics"]}
+    assert values["BLEU-4"] == 100.0 and values["BLEU-1"] == 100.0
+    assert set(values) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"}
+    table = text.split("<!-- results-table -->", 1)[1].split("<!-- /results-table -->", 1)[0]
+    assert "| This model (synthetic test (first 7)) | default | 100.00 | 100.00 | 100.00 | 100.00 |" in table
+    assert "| 66.7 | 43.4 | 28.8 | 19.1 | 18.49 |" in table  # the paper's row stays
+    assert text.split("## How to use", 1)[1] == original.split("## How to use", 1)[1]
+
+
+def test_best_beam_by_bleu_4():
+    results = {"beam_1": {"bleu_4": 0.10}, "beam_3": {"bleu_4": 0.14}, "beam_5": {"bleu_4": 0.12}}
+    assert evaluate_script.best_label(results) == "beam_3"
+    card = evaluate_script.card_results(results, "Flickr30K", "test", "best")
+    assert card == {
+        "dataset": "Flickr30K",
+        "split": "test",
+        "results": [{"num_beams": 3, "metrics": {"bleu_4": 0.14}}],
+    }
+    assert len(evaluate_script.card_results(results, "Flickr30K", "test", "all")["results"]) == 3
+
+
+# --- METEOR and Java ---------------------------------------------------------------------------------
+
+
+def test_without_java_meteor_is_left_out_with_the_metrics_warning(
+    tmp_path, data_args, split, capsys, monkeypatch
+):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-java-here"))
+    predictions = write_jsonl(tmp_path / "p.jsonl", perfect_rows(split))
+    output = tmp_path / "out.json"
+    status, _, err = run(
+        [
+            "--predictions",
+            predictions,
+            *data_args,
+            "--metrics",
+            "bleu",
+            "meteor",
+            "cider",
+            "--output",
+            output,
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    scores = json.loads(output.read_text())["results"]["predictions"]
+    assert "meteor" not in scores and scores["bleu_4"] == pytest.approx(1.0) and "cider" in scores
+    assert "METEOR needs Java" in err and "default-jre-headless" in err
+    assert err.count("METEOR needs Java") == 1
+    assert json.loads(output.read_text())["warnings"]
+
+    # METEOR alone cannot be computed: an error, but the captions are still written.
+    output.unlink()
+    status, _, err = run(
+        ["--predictions", predictions, *data_args, "--metrics", "meteor", "--output", output], capsys
+    )
+    assert status == 2 and "METEOR needs Java" in err
+    assert len(json.loads(output.read_text())["predictions"]["predictions"]) == NUM_IMAGES
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+def test_all_metrics_with_meteor(tmp_path, data_args, split, capsys):
+    predictions = write_jsonl(tmp_path / "p.jsonl", perfect_rows(split))
+    output = tmp_path / "out.json"
+    status, out, err = run(["--predictions", predictions, *data_args, "--output", output], capsys)
+    assert status == 0, err
+    scores = json.loads(output.read_text())["results"]["predictions"]
+    assert set(scores) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}
+    assert scores["meteor"] == pytest.approx(1.0, abs=0.01)
+    header = next(line for line in out.splitlines() if line.startswith("Decoding"))
+    assert header.split()[5] == "METEOR"
+
+
+# --- the command line and the file's name ------------------------------------------------------------
+
+
+def test_argument_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        evaluate_script.parse_args(["--model", "m", "--predictions", "p.jsonl"])
+    assert exited.value.code == 2
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--predictions", "p.jsonl", "--retrieval"])
+    assert "--retrieval needs a model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--model", "m", "--num-beams", "0"])
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--model", str(tmp_path / "no-such-model")])
+    assert "no such folder" in capsys.readouterr().err
+    args = evaluate_script.parse_args(["--model", "m", "--num-beams", "5", "1", "3", "1"])
+    assert args.num_beams == [1, 3, 5] and args.metrics == ["bleu", "meteor", "rouge", "cider"]
+    assert evaluate_script.parse_dataset_options(["image_size=64", "revision=main"]) == {
+        "image_size": 64,
+        "revision": "main",
+    }
+
+
+def test_sibling_scripts_still_import_the_evaluate_library(monkeypatch):
+    """`python scripts/train.py` puts scripts/ first on sys.path; `import evaluate` must still be the library."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    monkeypatch.delitem(sys.modules, "evaluate", raising=False)
+    library = importlib.import_module("evaluate")
+    assert hasattr(library, "load") and Path(library.__file__).resolve() != SCRIPT
+    assert str(SCRIPT.parent) in sys.path
+
+
+@pytest.mark.slow
+def test_runs_as_a_script(tmp_path, data_args, split):
+    predictions = write_jsonl(tmp_path / "p.jsonl", perfect_rows(split))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--predictions",
+            str(predictions),
+            *data_args,
+            "--metrics",
+            "bleu",
+            "cider",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "predictions" in completed.stdout and "100.0" in completed.stdout
+
+
+def test_an_unreadable_image_is_reported_with_its_id(processor):
+    from datasets import Dataset, Features, Image, Value
+
+    good = io.BytesIO()
+    PILImage.new("RGB", (20, 16), (200, 30, 30)).save(good, format="PNG")
+    rows = Dataset.from_dict(
+        {"image": [{"bytes": good.getvalue(), "path": None}, {"bytes": b"not a picture", "path": None}],
+         "image_id": ["ok", "broken"]},
+        features=Features({"image": Image(), "image_id": Value("string")}),
+    )  # fmt: skip
+    images = evaluate_script.ImageRows(rows, processor.image_processor)
+    index, pixel_values, error = images[0]
+    assert index == 0 and error is None and pixel_values.shape == (3, 64, 64)
+    index, pixel_values, error = images[1]
+    assert index == 1 and pixel_values is None and "broken" in error
+    indices, batch, errors = evaluate_script.collate([images[0], images[1]])
+    assert indices == [0] and batch.shape == (1, 3, 64, 64) and errors == [(1, error)]
