@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""A web demo of a trained captioning model (Gradio; `pip install "show-attend-tell[app]"`).
+
+    python scripts/app.py --model MODEL                          # http://127.0.0.1:7860
+    python scripts/app.py --model MODEL --examples photos/ --port 8080
+
+Two tabs:
+
+* Caption: upload a picture (or click an example), choose the beam size and the longest caption, and get
+  the caption with the attention figure (where the model looked for each word).
+* Search: type a sentence and see the example pictures that the model finds it describes best, with the
+  attention of each word over each of them (text-to-image retrieval, `show_attend_tell.retrieval`).
+  The examples are encoded once at start-up (and cached on disk), so a search only runs the decoder.
+
+The same file works as a Hugging Face Space's `app.py`: put the model folder next to it as `model/` and
+example pictures in `examples/`; the defaults pick them up (`--host 0.0.0.0` there, or GRADIO_SERVER_NAME).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Before gradio is imported: no usage statistics sent, and no phoning home from a machine that may be offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+PROG = "app.py"
+HERE = Path(__file__).resolve().parent
+MAX_BEAMS = 10
+MAX_WORDS = 50
+
+DESCRIPTION = """\
+**Show, Attend and Tell** (Xu et al., 2015): a ResNet encoder and an LSTM decoder with soft attention.
+Each word of the caption comes with the part of the picture the model looked at while writing it
+(bright = attended)."""
+
+SEARCH_DESCRIPTION = """\
+Text to images: every example picture is scored by how likely the model finds your sentence as its
+caption (the average log-probability per word), and the best ones are shown with the attention of
+each of your words over them."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Web demo: caption pictures and search them by text."
+    )
+    parser.add_argument(
+        "--model", type=Path, default=HERE / "model", help="model folder (default: model/ next to this file)"
+    )
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        default=None,
+        help="folder of example pictures, also the gallery of the search tab (default: examples/ next to this "
+        "file, if there is one)",
+    )
+    parser.add_argument(
+        "--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on"
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--cache-dir", type=Path, help="where the example pictures' features are cached")
+    args = parser.parse_args(argv)
+    if args.examples is None and (HERE / "examples").is_dir():
+        args.examples = HERE / "examples"
+    if args.examples is not None and not args.examples.is_dir():
+        parser.error(f"--examples {args.examples}: not a folder")
+    if not args.model.is_dir():
+        parser.error(
+            f"--model {args.model}: not a folder (train one with scripts/train.py or scripts/demo.py)"
+        )
+    return args
+
+
+def figure_to_image(fig: Any) -> Any:
+    """A matplotlib figure as a PIL image (what gr.Image shows), the figure released afterwards."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=fig.dpi)
+    finally:
+        fig.clear()
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[Path] = ()) -> Any:
+    """
+    The Gradio interface around a `show_attend_tell.serve.Captioner` and, for the search tab, a
+    `show_attend_tell.retrieval.CaptionRetriever` over the example pictures.
+    """
+    import gradio as gr
+
+    from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
+    from show_attend_tell.retrieval import plot_search_results
+    from show_attend_tell.serve import CaptionOptions
+    from show_attend_tell.visualization import plot_attention
+
+    def caption(image: Any, num_beams: float, max_words: float) -> tuple[str, Any]:
+        if image is None:
+            raise gr.Error("Upload a picture first (or click an example).")
+        try:
+            picture = load_image(image, name="the uploaded picture")
+        except ImageLoadError as error:
+            raise gr.Error(str(error)) from None
+        options = CaptionOptions(int(num_beams), int(max_words) + 1, return_attention=True)  # +1: <end>
+        (result,) = captioner.caption_batch([picture], options)
+        text = result.caption or "(the model wrote an empty caption)"
+        figure = plot_attention(picture, result.tokens, result.attention, columns=5, panel_size=2.0)
+        return text, figure_to_image(figure)
+
+    def search(query: str, top_k: float) -> tuple[list[tuple[Any, str]], Any]:
+        if retriever is None:
+            raise gr.Error("No example pictures to search: start the app with --examples FOLDER.")
+        if not query or not query.strip():
+            raise gr.Error("Type a sentence to search for.")
+        try:
+            result = retriever.search(query, top_k=int(top_k))
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        gallery = [
+            (retriever.gallery.load(hit.index), f"#{hit.rank} {hit.image_id} ({hit.score:.2f})")
+            for hit in result.hits
+        ]
+        if result.unknown_words:
+            gr.Warning(f"Words the model does not know (scored as <unk>): {', '.join(result.unknown_words)}")
+        return gallery, figure_to_image(plot_search_results(result, retriever.gallery))
+
+    with gr.Blocks(title="Show, Attend and Tell") as demo:
+        gr.Markdown("# Show, Attend and Tell")
+        with gr.Tab("Caption", id="caption-tab"):
+            gr.Markdown(DESCRIPTION)
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(
+                        type="pil",
+                        image_mode=None,
+                        sources=["upload", "clipboard"],
+                        label="Picture",
+                        height=320,  # small pictures would otherwise show as a thumbnail strip
+                        elem_id="image",
+                    )
+                    beams = gr.Slider(
+                        1,
+                        MAX_BEAMS,
+                        value=captioner.default_num_beams,
+                        step=1,
+                        label="Beam size",
+                        elem_id="beams",
+                    )
+                    words = gr.Slider(
+                        1,
+                        MAX_WORDS,
+                        value=min(MAX_WORDS, max(1, captioner.default_max_new_tokens - 1)),
+                        step=1,
+                        label="Longest caption (words)",
+                    )
+                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column(scale=2):
+                    text = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
+                    # No label badge: it would cover the figure's own caption in its top left corner.
+                    figure = gr.Image(
+                        type="pil",
+                        format="png",
+                        label="Attention",
+                        show_label=False,
+                        interactive=False,
+                        elem_id="figure",
+                    )
+            gr.on([button.click, image.upload], caption, inputs=[image, beams, words], outputs=[text, figure])
+            if examples:
+                gr.Examples(
+                    examples=[[str(path)] for path in examples],
+                    inputs=[image],
+                    label="Examples (click one, then Caption)",
+                    examples_per_page=12,
+                )
+        with gr.Tab("Search", id="search-tab"):
+            gr.Markdown(SEARCH_DESCRIPTION)
+            if retriever is None:
+                gr.Markdown("*Start the app with `--examples FOLDER` to search those pictures.*")
+            with gr.Row():
+                query = gr.Textbox(
+                    label="Describe a picture", placeholder="a small red circle", elem_id="query"
+                )
+                top_k = gr.Slider(1, 12, value=4, step=1, label="Pictures to show")
+            search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+            hits = gr.Gallery(
+                label="Best matches", columns=6, height="auto", object_fit="contain", elem_id="hits"
+            )
+            search_figure = gr.Image(
+                type="pil",
+                format="png",
+                label="Attention of each word",
+                show_label=False,
+                interactive=False,
+                elem_id="search-figure",
+            )
+            gr.on(
+                [search_button.click, query.submit],
+                search,
+                inputs=[query, top_k],
+                outputs=[hits, search_figure],
+            )
+    return demo
+
+
+def make_theme() -> Any:
+    """Gradio's Soft theme with system fonts: the default fetches Google Fonts, unreachable offline."""
+    import gradio as gr
+
+    return gr.themes.Soft(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import gradio  # noqa: F401 - only to say what to install
+    except ImportError:
+        print(
+            f'{PROG}: error: the web demo needs Gradio: pip install "show-attend-tell[app]"', file=sys.stderr
+        )
+        return 2
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from show_attend_tell.hub import UnsafeWeightsError
+    from show_attend_tell.retrieval import IMAGE_SUFFIXES, CaptionRetriever, ImageGallery
+    from show_attend_tell.serve import Captioner
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.basicConfig(format=f"{PROG}: %(levelname)s: %(message)s", level=logging.WARNING)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        captioner = Captioner.from_pretrained(str(args.model), device=device)
+    except (OSError, UnsafeWeightsError, ValueError) as error:
+        print(f"{PROG}: error: cannot load the model: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+    retriever = None
+    examples: list[Path] = []
+    if args.examples is not None:
+        examples = sorted(
+            p for p in args.examples.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        try:
+            retriever = CaptionRetriever(
+                captioner.model,
+                captioner.processor,
+                ImageGallery.from_folder(args.examples),
+                cache_dir=args.cache_dir,
+            )
+        except ValueError as error:  # no readable picture in the folder: caption still works
+            print(f"{PROG}: warning: search disabled: {error}", file=sys.stderr)
+        else:
+            # Only the pictures that could be read are offered as examples.
+            readable = {args.examples / image_id for image_id in retriever.features.ids}
+            examples = [path for path in examples if path in readable]
+
+    demo = build_demo(captioner, retriever, examples)
+    print(f"{PROG}: serving on http://{args.host}:{args.port}", flush=True)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        theme=make_theme(),
+        share=False,
+        ssr_mode=False,  # no Node.js server: plain Python is enough for this page
+        show_error=True,
+        max_file_size="20mb",  # uploads above it are refused by Gradio before they reach the model
+        allowed_paths=[str(args.examples.resolve())] if args.examples else None,
+        footer_links=["api"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

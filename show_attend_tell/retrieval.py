@@ -1,0 +1,836 @@
+"""Text to images: rank pictures by how likely the captioning model finds a query as their caption.
+
+A captioning model is a conditional language model p(caption | image). Read backwards it is a
+retrieval model: for a text query, every image of a gallery gets the score
+
+    score(image, query) = (1 / T) * sum_t log p(w_t | w_<t, image)
+
+the log-likelihood of the tokenised query (its words and the closing ``<end>``, T tokens) under
+teacher forcing, divided by T so that long and short queries are on the same scale. The images are
+returned best first, and the attention of each word over each returned image shows why it matched.
+
+Cost and how it is kept down:
+
+* The encoder (the expensive ResNet) runs once per gallery. Its native feature grid is stored on disk
+  (safetensors, no pickle) under a key made of the encoder's weights, the image processor's settings
+  and the gallery's contents, so later queries, in this process or the next, only run the decoder.
+  The grid is stored before the adaptive pooling (8 x 8 for ResNet-101 at 256 px, 3 times smaller than
+  the pooled 14 x 14 it is upsampled to) and pooled again on use, which gives the same features.
+* Scoring is batched over images and queries at once: the decoder groups its rows by image
+  (rows ``i * k ... i * k + k - 1`` belong to image ``i``), so one forward scores ``k`` queries against
+  each image of a chunk without copying the image's features per query.
+
+Public API: :class:`ImageGallery` (a folder, a dataset split or a list of images), :func:`encode_gallery`
+(features, cached), :func:`score_captions` (the score matrix), :class:`CaptionRetriever` (search with
+attention), :func:`plot_search_results` / :func:`save_search_figure` (the figure) and
+:func:`retrieval_recall` (Recall@K of text-to-image retrieval over a dataset split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.modeling_outputs import BaseModelOutput
+
+from .image_processing_show_attend_tell import describe_image_error, load_image
+from .visualization import DISPLAY_SIZE, attention_overlays
+
+if TYPE_CHECKING:  # annotations only: matplotlib and datasets are optional
+    from datasets import Dataset
+    from matplotlib.figure import Figure
+
+    from .modeling_show_attend_tell import ShowAttendTellForConditionalGeneration
+    from .processing_show_attend_tell import ShowAttendTellProcessor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CaptionRetriever",
+    "GalleryFeatures",
+    "ImageGallery",
+    "SearchHit",
+    "SearchResult",
+    "encode_gallery",
+    "plot_search_results",
+    "retrieval_recall",
+    "save_search_figure",
+    "score_captions",
+    "tokenize_queries",
+]
+
+#: File suffixes read as images in a gallery folder. Kept here rather than imported from
+#: ``show_attend_tell.data``, which needs the optional ``datasets`` package.
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+
+#: Bumped whenever what the cache stores changes, so older files are recomputed instead of misread.
+CACHE_FORMAT = "show_attend_tell.retrieval.features.v1"
+
+DEFAULT_BATCH_SIZE = 256  # decoder rows (images x queries) per forward
+DEFAULT_ENCODE_BATCH_SIZE = 32  # images per encoder forward
+
+
+# --------------------------------------------------------------------------------------------------
+# Galleries
+# --------------------------------------------------------------------------------------------------
+
+
+def _file_signature(path: Path) -> str:
+    """Size and modification time, as ``make`` compares files; a missing file has its own signature."""
+    try:
+        stat = path.stat()
+    except OSError:  # reported as unreadable when the gallery is encoded, not here
+        return "missing"
+    return f"{stat.st_size}\0{stat.st_mtime_ns}"
+
+
+class ImageGallery:
+    """
+    An ordered collection of images with stable ids and a content fingerprint.
+
+    Build one with :meth:`from_folder`, :meth:`from_dataset` or :meth:`from_images`. Images are loaded
+    lazily, one at a time, so a gallery costs no memory until it is encoded.
+
+    Args:
+        ids: one identifier per image (a path relative to the folder, a dataset's ``image_id``, ...).
+        loader: returns image ``i`` as a PIL image; may raise for an unreadable file.
+        fingerprint: returns a hex digest that changes whenever any image changes (the cache key).
+        name: a short description for messages.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        loader: Callable[[int], Image.Image],
+        fingerprint: Callable[[], str],
+        name: str = "gallery",
+    ) -> None:
+        self.ids = [str(image_id) for image_id in ids]
+        self._loader = loader
+        self._fingerprint = fingerprint
+        self.name = name
+        #: The image files, for a gallery made from a folder (None otherwise).
+        self.paths: list[Path] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, images={len(self)})"
+
+    def load(self, index: int) -> Image.Image:
+        """
+        Image ``index``, decoded, upright and RGB. Raises ``ImageLoadError`` (a ``ValueError``) with a
+        one-line message naming the image and the reason when it cannot be used.
+        """
+        return self._loader(index)
+
+    def fingerprint(self) -> str:
+        """A digest of the gallery's ids and contents: equal digests mean the same images in the same order."""
+        return self._fingerprint()
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, recursive: bool = True) -> ImageGallery:
+        """
+        Every image file under ``folder`` (by suffix), in sorted path order; ids are the paths relative
+        to the folder. The fingerprint uses each file's path, size and modification time (as ``make``
+        does), so an edited or replaced file is encoded again without reading every file on each query.
+        """
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        pattern = "**/*" if recursive else "*"
+        paths = sorted(
+            p
+            for p in root.glob(pattern)
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not paths:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
+        ids = [p.relative_to(root).as_posix() for p in paths]
+
+        def fingerprint() -> str:
+            digest = hashlib.sha256(b"folder\0")
+            for image_id, path in zip(ids, paths, strict=True):
+                digest.update(f"{image_id}\0{_file_signature(path)}\n".encode())
+            return digest.hexdigest()
+
+        def loader(index: int) -> Image.Image:
+            return load_image(paths[index], name=ids[index])
+
+        gallery = cls(ids, loader, fingerprint, name=str(root))
+        gallery.paths = paths
+        return gallery
+
+    @classmethod
+    def from_dataset(
+        cls, dataset: Dataset, image_column: str = "image", id_column: str | None = "image_id"
+    ) -> ImageGallery:
+        """
+        The images of a ``datasets.Dataset`` split (an ``image`` column of the ``datasets.Image`` type).
+
+        The fingerprint hashes the encoded image bytes (or, for images stored as file paths, the path,
+        size and modification time), read without decoding any picture: cheap next to encoding them,
+        and unlike the dataset's own fingerprint it does not depend on how the dataset was built.
+        """
+        from datasets import Image as ImageFeature
+
+        if image_column not in dataset.column_names:
+            raise ValueError(f"the dataset has no {image_column!r} column (columns: {dataset.column_names})")
+        if id_column is not None and id_column in dataset.column_names:
+            ids = [str(value) for value in dataset[id_column]]
+        else:
+            ids = [str(index) for index in range(len(dataset))]
+        raw = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+
+        def fingerprint() -> str:
+            digest = hashlib.sha256(b"dataset\0")
+            records = (record for batch in raw.iter(batch_size=256) for record in batch[image_column])
+            # In batches: Flickr30K's training split holds gigabytes of JPEG bytes.
+            for image_id, record in zip(ids, records, strict=True):
+                digest.update(image_id.encode() + b"\0")
+                if record.get("bytes") is not None:
+                    digest.update(hashlib.sha256(record["bytes"]).digest())
+                else:
+                    digest.update(f"{record['path']}\0{_file_signature(Path(record['path']))}".encode())
+            return digest.hexdigest()
+
+        def loader(index: int) -> Image.Image:
+            record = raw[index][image_column]
+            source = record["bytes"] if record.get("bytes") is not None else record["path"]
+            return load_image(source, name=ids[index])
+
+        return cls(ids, loader, fingerprint, name=f"dataset split ({len(ids)} images)")
+
+    @classmethod
+    def from_images(cls, images: Sequence[Image.Image], ids: Sequence[str] | None = None) -> ImageGallery:
+        """Images already in memory; ids default to their positions. The fingerprint hashes the pixels."""
+        images = list(images)
+        ids = [str(index) for index in range(len(images))] if ids is None else list(ids)
+        if len(ids) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(ids)} ids")
+
+        def fingerprint() -> str:
+            digest = hashlib.sha256(b"images\0")
+            for image_id, image in zip(ids, images, strict=True):
+                digest.update(f"{image_id}\0{image.mode}\0{image.size}\0".encode())
+                digest.update(hashlib.sha256(image.tobytes()).digest())
+            return digest.hexdigest()
+
+        return cls(
+            ids,
+            lambda index: load_image(images[index], name=ids[index]),
+            fingerprint,
+            name=f"{len(images)} images",
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding, with the on-disk cache
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GalleryFeatures:
+    """
+    The encoder's output for every readable image of a gallery.
+
+    Attributes:
+        ids: ids of the encoded images, in gallery order (unreadable images are left out).
+        indices: their positions in the gallery.
+        grid: the ResNet's native feature grid, ``(images, encoder_dim, h, w)``, float32 on the CPU.
+        skipped: ``{id: reason}`` for images that could not be read.
+        cache_path: the cache file, if the disk cache is used.
+        from_cache: whether the grid was read from the cache (the encoder did not run).
+    """
+
+    ids: list[str]
+    indices: list[int]
+    grid: torch.Tensor
+    skipped: dict[str, str] = field(default_factory=dict)
+    cache_path: Path | None = None
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def features(
+        self, model: ShowAttendTellForConditionalGeneration, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Pooled features ``(images, num_pixels, encoder_dim)`` of images ``start:end`` on the model's device."""
+        grid = self.grid[start:end].to(model.device, dtype=model.dtype)
+        return model.encoder.pool_grid(grid)
+
+
+def _model_fingerprint(
+    model: ShowAttendTellForConditionalGeneration, processor: ShowAttendTellProcessor
+) -> str:
+    """
+    A digest of everything the cached grid depends on: the encoder's weights and buffers (BatchNorm
+    statistics included) and the image processor's resize and normalisation. The decoder is left out on
+    purpose: fine-tuning only the decoder keeps the cached features valid.
+    """
+    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    for name, tensor in model.encoder.resnet.state_dict().items():
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    image_processor = processor.image_processor
+    settings = {
+        key: getattr(image_processor, key, None) for key in ("size", "resample", "image_mean", "image_std")
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _default_cache_dir() -> Path:
+    # Same root as the synthetic data's cache ($SHOW_ATTEND_TELL_CACHE or ~/.cache/show_attend_tell).
+    root = os.environ.get("SHOW_ATTEND_TELL_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "show_attend_tell"
+    return base / "retrieval"
+
+
+def _read_cache(path: Path, model_key: str, gallery_key: str) -> GalleryFeatures | None:
+    """The cached features, or None when the file is missing, damaged or made for other inputs."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            if (
+                metadata.get("format") != CACHE_FORMAT
+                or metadata.get("model") != model_key
+                or metadata.get("gallery") != gallery_key
+            ):
+                return None
+            grid = file.get_tensor("grid")
+        ids = json.loads(metadata["ids"])
+        indices = json.loads(metadata["indices"])
+        skipped = json.loads(metadata.get("skipped", "{}"))
+    except Exception as error:  # a truncated or foreign file: recompute rather than fail the query
+        logger.warning("ignoring unreadable feature cache %s (%s)", path, error)
+        return None
+    if grid.shape[0] != len(ids) or len(ids) != len(indices):
+        return None
+    return GalleryFeatures(ids, indices, grid, skipped, cache_path=path, from_cache=True)
+
+
+def _write_cache(path: Path, features: GalleryFeatures, model_key: str, gallery_key: str) -> None:
+    """Writes to a temporary file and renames it, so a concurrent or interrupted writer never leaves half a file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": CACHE_FORMAT,
+        "model": model_key,
+        "gallery": gallery_key,
+        "ids": json.dumps(features.ids),
+        "indices": json.dumps(features.indices),
+        "skipped": json.dumps(features.skipped),
+    }
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({"grid": features.grid.contiguous()}, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def encode_gallery(
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    gallery: ImageGallery,
+    *,
+    batch_size: int = DEFAULT_ENCODE_BATCH_SIZE,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> GalleryFeatures:
+    """
+    Runs the encoder over every image of ``gallery`` once, or reads the result from the disk cache.
+
+    The cache file is ``<cache_dir>/features-<key>.safetensors`` (default cache folder:
+    ``$SHOW_ATTEND_TELL_CACHE/retrieval`` or ``~/.cache/show_attend_tell/retrieval``); the key combines
+    the encoder's weights, the image processor's settings and the gallery's fingerprint, so a changed
+    model or image is never served stale features. Images that cannot be read (corrupt, truncated,
+    not an image, too large for Pillow) are skipped with a warning and listed in ``skipped``.
+
+    Args:
+        batch_size: images per encoder forward.
+        use_cache: False neither reads nor writes the cache.
+        progress: show a progress bar (tqdm) while encoding.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    cache_path = None
+    if use_cache:
+        model_key = _model_fingerprint(model, processor)
+        gallery_key = gallery.fingerprint()
+        name = hashlib.sha256(f"{model_key}\0{gallery_key}".encode()).hexdigest()[:32]
+        root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+        cache_path = root / f"features-{name}.safetensors"
+        cached = _read_cache(cache_path, model_key, gallery_key)
+        if cached is not None:
+            return cached
+
+    ids: list[str] = []
+    indices: list[int] = []
+    skipped: dict[str, str] = {}
+    grids: list[torch.Tensor] = []
+    starts = range(0, len(gallery), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="encoding images", unit="batch")
+    was_training = model.training
+    model.eval()
+    try:
+        for start in starts:
+            images = []
+            for index in range(start, min(start + batch_size, len(gallery))):
+                image_id = gallery.ids[index]
+                try:
+                    images.append(gallery.load(index))
+                except (OSError, ValueError) as error:
+                    # One unreadable file must not lose the rest of the gallery (ImageLoadError is a
+                    # ValueError; a file removed since the gallery was listed is an OSError).
+                    reason = describe_image_error(error)
+                    logger.warning("skipping image %s: %s", image_id, reason)
+                    skipped[image_id] = reason
+                    continue
+                ids.append(image_id)
+                indices.append(index)
+            if not images:
+                continue
+            pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            with torch.inference_mode():
+                grid, _ = model.encoder.encode_grid(pixel_values.to(model.device, dtype=model.dtype))
+            grids.append(grid.float().cpu())
+    finally:
+        model.train(was_training)
+    if not grids:
+        raise ValueError(f"none of the {len(gallery)} images of {gallery.name} could be read")
+    features = GalleryFeatures(ids, indices, torch.cat(grids), skipped, cache_path=cache_path)
+    if cache_path is not None:
+        try:
+            _write_cache(cache_path, features, model_key, gallery_key)
+        except OSError as error:  # a read-only or full disk costs speed next time, not this result
+            logger.warning("could not write the feature cache %s: %s", cache_path, error)
+            features.cache_path = None
+    return features
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+
+
+def tokenize_queries(processor: ShowAttendTellProcessor, queries: Sequence[str]) -> torch.Tensor:
+    """``(queries, steps)`` token ids: ``<start> words <end>`` padded with ``<pad>`` to the longest query."""
+    if isinstance(queries, str):
+        raise TypeError("queries must be a list of strings; wrap a single query in a list")
+    encoded = processor.tokenizer(list(queries), padding="longest", truncation=True, return_tensors="pt")
+    return encoded["input_ids"]
+
+
+def _query_log_likelihood(
+    model: ShowAttendTellForConditionalGeneration,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    Teacher-forced scores of ``input_ids`` (rows grouped by image over ``features``): the mean
+    log-probability of each row's tokens after ``<start>`` up to and including ``<end>``, and optionally the
+    attention ``(rows, steps, num_pixels)`` of each of those steps.
+    """
+    pad = model.config.pad_token_id
+    targets = input_ids[:, 1:]
+    outputs = model(
+        encoder_outputs=BaseModelOutput(last_hidden_state=features),
+        input_ids=input_ids[:, :-1],
+        use_cache=False,
+        output_attentions=output_attentions,
+        return_dict=True,
+    )
+    log_probs = outputs.logits.float().log_softmax(dim=-1)
+    token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    mask = (targets != pad).to(token_log_probs.dtype)
+    lengths = mask.sum(dim=1).clamp_min(1.0)
+    scores = (token_log_probs * mask).sum(dim=1) / lengths
+    return scores, outputs.cross_attentions if output_attentions else None
+
+
+def score_captions(
+    model: ShowAttendTellForConditionalGeneration,
+    features: GalleryFeatures | torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+) -> torch.Tensor:
+    """
+    The length-normalised log-likelihood of every query as the caption of every image.
+
+    Args:
+        features: a gallery's :class:`GalleryFeatures`, or pooled features ``(images, num_pixels, encoder_dim)``.
+        input_ids: ``(queries, steps)`` from :func:`tokenize_queries` (``<start> ... <end>``, ``<pad>`` after).
+        batch_size: decoder rows per forward (images x queries); memory grows with it.
+
+    Returns:
+        ``(images, queries)`` float32 scores on the CPU: mean log-probability per token, so 0 is a
+        certain caption and more negative is less likely.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    pad = model.config.pad_token_id
+    num_images = len(features) if isinstance(features, GalleryFeatures) else features.shape[0]
+    num_queries = input_ids.shape[0]
+    scores = torch.empty(num_images, num_queries)
+    if num_images == 0 or num_queries == 0:
+        return scores
+    # Queries sorted by length and chunked: every row of a chunk is decoded to the chunk's longest query,
+    # so similar lengths together waste fewer steps on padding.
+    lengths = (input_ids != pad).sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    queries_per_chunk = min(num_queries, batch_size)
+    images_per_chunk = max(1, batch_size // queries_per_chunk)
+    chunks = [
+        (q, i)
+        for q in range(0, num_queries, queries_per_chunk)
+        for i in range(0, num_images, images_per_chunk)
+    ]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="scoring", unit="batch")
+    was_training = model.training
+    model.eval()  # dropout would make scores random
+    try:
+        with torch.inference_mode():
+            for q_start, i_start in chunks:
+                query_index = order[q_start : q_start + queries_per_chunk]
+                ids = input_ids[query_index]
+                ids = ids[:, : int(lengths[query_index].max())].to(model.device)
+                i_end = min(i_start + images_per_chunk, num_images)
+                if isinstance(features, GalleryFeatures):
+                    image_features = features.features(model, i_start, i_end)
+                else:
+                    image_features = features[i_start:i_end].to(model.device, dtype=model.dtype)
+                # Rows grouped by image: the whole query block once per image of the chunk.
+                rows = ids.repeat(i_end - i_start, 1)
+                chunk_scores, _ = _query_log_likelihood(model, image_features, rows)
+                scores[i_start:i_end, query_index] = chunk_scores.view(i_end - i_start, -1).cpu()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchHit:
+    """One retrieved image: its rank (1 = best), gallery position and id, score, and the query's attention."""
+
+    rank: int
+    index: int
+    image_id: str
+    score: float
+    attention: np.ndarray | None = None  # (len(words), num_pixels): one map per query token over this image
+
+
+@dataclass
+class SearchResult:
+    """A query's top images. ``words`` are the tokens scored (the query's words as the model sees them, then ``<end>``)."""
+
+    query: str
+    words: list[str]
+    unknown_words: list[str]
+    hits: list[SearchHit]
+
+
+class CaptionRetriever:
+    """
+    Text-to-image search over one gallery with a captioning model.
+
+    The gallery is encoded once when the retriever is made (or read from the disk cache); every query
+    afterwards runs only the decoder.
+
+    Example:
+
+    ```python
+    >>> retriever = CaptionRetriever(model, processor, ImageGallery.from_folder("photos/"))
+    >>> result = retriever.search("a dog running on the beach", top_k=5)
+    >>> [(hit.image_id, hit.score) for hit in result.hits]
+    >>> save_search_figure("search.png", result, retriever.gallery)
+    ```
+    """
+
+    def __init__(
+        self,
+        model: ShowAttendTellForConditionalGeneration,
+        processor: ShowAttendTellProcessor,
+        gallery: ImageGallery,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE,
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.gallery = gallery
+        self.batch_size = batch_size
+        self.features = encode_gallery(
+            model,
+            processor,
+            gallery,
+            batch_size=encode_batch_size,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
+            progress=progress,
+        )
+
+    def score(self, queries: Sequence[str]) -> torch.Tensor:
+        """``(queries, images)`` scores of each query against every encoded image (see :func:`score_captions`)."""
+        input_ids = tokenize_queries(self.processor, queries)
+        return score_captions(self.model, self.features, input_ids, batch_size=self.batch_size).T
+
+    def query_words(self, query: str) -> tuple[list[str], list[str]]:
+        """The query's words as the tokenizer sees them (lower case, no punctuation) and those it does not know."""
+        tokenizer = self.processor.tokenizer
+        words = tokenizer.normalize_caption(query)
+        unknown = [word for word in words if tokenizer.convert_tokens_to_ids(word) == tokenizer.unk_token_id]
+        return words, unknown
+
+    def search(self, query: str, top_k: int = 5, return_attention: bool = True) -> SearchResult:
+        """
+        The ``top_k`` images that best fit ``query`` as their caption, best first, each with the query's
+        attention over it (one map per word and one for ``<end>``) when ``return_attention`` is set.
+        """
+        words, unknown = self.query_words(query)
+        if not words:
+            raise ValueError(f"the query {query!r} has no words")
+        if unknown:
+            logger.info("words unknown to the model (scored as <unk>): %s", ", ".join(unknown))
+        input_ids = tokenize_queries(self.processor, [query])
+        scores = score_captions(self.model, self.features, input_ids, batch_size=self.batch_size)[:, 0]
+        top_k = max(0, min(top_k, len(self.features)))
+        best = torch.argsort(scores, descending=True, stable=True)[:top_k].tolist()
+        hits = [
+            SearchHit(
+                rank=rank,
+                index=self.features.indices[position],
+                image_id=self.features.ids[position],
+                score=float(scores[position]),
+            )
+            for rank, position in enumerate(best, start=1)
+        ]
+        tokens = [*(self.processor.tokenizer.convert_ids_to_tokens(input_ids[0, 1:-1].tolist())), "<end>"]
+        if return_attention and hits:
+            # One more forward over just the winners, with attention: cheaper than keeping the
+            # attention of every image while scoring the whole gallery.
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.inference_mode():
+                    features = torch.cat([self.features.features(self.model, p, p + 1) for p in best])
+                    rows = input_ids.to(self.model.device).repeat(len(best), 1)
+                    _, attention = _query_log_likelihood(self.model, features, rows, output_attentions=True)
+            finally:
+                self.model.train(was_training)
+            for hit, maps in zip(hits, attention.float().cpu().numpy(), strict=True):
+                hit.attention = maps
+        return SearchResult(query=query, words=tokens, unknown_words=unknown, hits=hits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_search_results(
+    result: SearchResult,
+    gallery: ImageGallery,
+    *,
+    panel_size: float = 1.6,
+    alpha: float = 0.6,
+    cmap: str = "Greys_r",
+    fontsize: float = 9.0,
+    dpi: float = 100.0,
+) -> Figure:
+    """
+    One row per retrieved image: the image with its rank, id and score, then the attention of each
+    query word over it (:func:`show_attend_tell.visualization.attention_overlays`, normalised per word,
+    bright where the model looked). Hits without attention show the image only.
+
+    The images are shown resized to the processor's square, as in
+    :func:`show_attend_tell.visualization.plot_attention`, so each map lies exactly over what it refers to.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            'the search figure needs matplotlib: pip install "show-attend-tell[vis]"'
+        ) from error
+    rows = max(1, len(result.hits))
+    columns = 1 + len(result.words)
+    title_height = 0.5
+    fig = Figure(
+        figsize=(columns * panel_size, rows * (panel_size + 0.45) + title_height),
+        dpi=dpi,
+        layout="constrained",
+    )
+    FigureCanvasAgg(fig)  # no pyplot: nothing global changes and no window opens
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
+    fig.suptitle(
+        textwrap.shorten(f"query: {result.query}", width=int(columns * panel_size * 12)),
+        fontsize=fontsize * 1.2,
+    )
+    if not result.hits:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no images", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    for row, hit in enumerate(result.hits):
+        picture = gallery.load(hit.index).resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.BILINEAR)
+        pixels = np.asarray(picture)
+        ax = fig.add_subplot(rows, columns, row * columns + 1)
+        ax.imshow(pixels)
+        label = textwrap.shorten(hit.image_id, width=int(panel_size * 14))
+        ax.set_title(f"#{hit.rank} {label}\nscore {hit.score:.3f}", fontsize=fontsize)
+        ax.set_axis_off()
+        if hit.attention is None:
+            continue
+        overlays = attention_overlays(None, hit.attention, image_size=DISPLAY_SIZE)
+        for column, (word, overlay) in enumerate(zip(result.words, overlays, strict=True), start=2):
+            ax = fig.add_subplot(rows, columns, row * columns + column)
+            ax.imshow(pixels)
+            # Fixed limits, as in plot_attention: an evenly spread map must look evenly lit, not black.
+            ax.imshow(overlay, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
+            ax.set_title(word, fontsize=fontsize)
+            ax.set_axis_off()
+    return fig
+
+
+def save_search_figure(
+    path: str | os.PathLike, result: SearchResult, gallery: ImageGallery, **kwargs: Any
+) -> Path:
+    """Draws :func:`plot_search_results` (same keyword arguments) and writes it as a PNG; returns the path."""
+    path = Path(path)
+    fig = plot_search_results(result, gallery, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=fig.dpi)
+    finally:
+        fig.clear()
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def retrieval_recall(
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    dataset_split: Dataset,
+    ks: Iterable[int] = (1, 5, 10),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    *,
+    encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE,
+    captions_per_image: int | None = None,
+    max_images: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    image_column: str = "image",
+    captions_column: str = "captions",
+    id_column: str = "image_id",
+    progress: bool = False,
+) -> dict[str, float | int]:
+    """
+    Recall@K of text-to-image retrieval over one dataset split.
+
+    Every caption of the split queries the gallery of the split's images; its own image is the only
+    positive. A query's rank is 1 + the number of images that score strictly higher than its own image.
+    With Flickr30K's test split that is 5,000 queries over 1,000 images, the usual protocol.
+
+    Args:
+        dataset_split: a ``datasets.Dataset`` with ``image``, ``captions`` (list of strings) and ``image_id``.
+        ks: the K of Recall@K.
+        batch_size: decoder rows (images x captions) per forward.
+        encode_batch_size: images per encoder forward (the features are cached, see :func:`encode_gallery`).
+        captions_per_image: use only the first N captions of each image (default: all).
+        max_images: use only the first N images (smoke runs).
+
+    Returns:
+        ``{"recall@1": ..., "recall@5": ..., "recall@10": ..., "median_rank", "mean_rank",
+        "mean_reciprocal_rank", "num_images", "num_queries", "skipped_images"}``; recalls are fractions
+        in [0, 1]. Chance level of Recall@K is K / num_images.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if max_images is not None:
+        dataset_split = dataset_split.select(range(min(max_images, len(dataset_split))))
+    if len(dataset_split) == 0:
+        raise ValueError("the dataset split is empty")
+    gallery = ImageGallery.from_dataset(dataset_split, image_column=image_column, id_column=id_column)
+    features = encode_gallery(
+        model,
+        processor,
+        gallery,
+        batch_size=encode_batch_size,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        progress=progress,
+    )
+    all_captions = list(dataset_split[captions_column])
+    queries: list[str] = []
+    positives: list[int] = []
+    for position, index in enumerate(features.indices):
+        captions = [caption for caption in all_captions[index] if caption and caption.strip()]
+        if captions_per_image is not None:
+            captions = captions[:captions_per_image]
+        queries.extend(captions)
+        positives.extend([position] * len(captions))
+    if not queries:
+        raise ValueError("the dataset split has no captions")
+    input_ids = tokenize_queries(processor, queries)
+    scores = score_captions(model, features, input_ids, batch_size=batch_size, progress=progress)
+    positive_index = torch.tensor(positives)
+    positive_scores = scores[positive_index, torch.arange(len(queries))]
+    ranks = 1 + (scores > positive_scores.unsqueeze(0)).sum(dim=0)
+    ranks_float = ranks.double()
+    metrics: dict[str, float | int] = {f"recall@{k}": float((ranks <= k).double().mean()) for k in ks}
+    metrics.update(
+        median_rank=float(np.median(ranks.numpy())),
+        mean_rank=float(ranks_float.mean()),
+        mean_reciprocal_rank=float((1.0 / ranks_float).mean()),
+        num_images=len(features),
+        num_queries=len(queries),
+        skipped_images=len(features.skipped),
+    )
+    return metrics
