@@ -40,6 +40,10 @@ def save_model_folder(
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    # mkdtemp makes the folder private (0700); a model folder is for others to read, as mkdir would make it.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)

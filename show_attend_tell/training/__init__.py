@@ -1,0 +1,66 @@
+"""Reusable pieces of `scripts/train.py` and `scripts/demo.py`.
+
+- `data`: rows -> batches of B images x k captions (each image encoded once), row checks, bad rows.
+- `feature_cache`: frozen-encoder features on disk (float16, native grid) for the epochs after the first.
+- `checkpoint`: atomic checkpoint folders, `latest`, pruning.
+- `evaluation`: captioning pictures in batches with `generate()`, attention localisation.
+- `model_sizes`: the `full`, `small` and `tiny` configurations.
+
+The training loop itself lives in `scripts/train.py`, in one file a newcomer can read top to bottom.
+"""
+
+from .checkpoint import (
+    CheckpointError,
+    is_checkpoint,
+    list_checkpoints,
+    read_training_state,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    write_checkpoint,
+    write_text_atomic,
+)
+from .data import (
+    CaptionBatchCollator,
+    CaptionTrainingDataset,
+    DataError,
+    EpochBatchSampler,
+    RowCheck,
+    check_training_rows,
+    decode_image,
+    mix_seed,
+    usable_captions,
+)
+from .evaluation import GeneratedCaptions, Localisation, attention_localisation, generate_captions
+from .feature_cache import FeatureCache, FrozenEncoderFeatures, feature_cache_key
+from .model_sizes import MODEL_SIZES, ModelSize, build_model_config, model_size
+
+__all__ = [
+    "MODEL_SIZES",
+    "CaptionBatchCollator",
+    "CaptionTrainingDataset",
+    "CheckpointError",
+    "DataError",
+    "EpochBatchSampler",
+    "FeatureCache",
+    "FrozenEncoderFeatures",
+    "GeneratedCaptions",
+    "Localisation",
+    "ModelSize",
+    "RowCheck",
+    "attention_localisation",
+    "build_model_config",
+    "check_training_rows",
+    "decode_image",
+    "feature_cache_key",
+    "generate_captions",
+    "is_checkpoint",
+    "list_checkpoints",
+    "mix_seed",
+    "model_size",
+    "read_training_state",
+    "remove_stale_temporaries",
+    "resolve_checkpoint",
+    "usable_captions",
+    "write_checkpoint",
+    "write_text_atomic",
+]

@@ -1,0 +1,40 @@
+"""scripts/demo.py end to end, on a few hundred pictures instead of thousands (the real run: `make demo`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+DEMO_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("SHOW_ATTEND_TELL_CACHE", str(tmp_path / "cache"))  # the synthetic data goes here
+    spec = importlib.util.spec_from_file_location("demo_script_under_test", DEMO_SCRIPT)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    output = tmp_path / "demo"
+    argv = "--num-train 120 --num-validation 12 --num-test 12 --train-images 480 --max-minutes 2 --figures 2"
+    try:
+        assert demo.main([*argv.split(), "--output-dir", str(output)]) == 0
+    finally:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    printed = capsys.readouterr().out
+    assert "test BLEU-4" in printed and "attention localisation" in printed and "x chance" in printed
+    results = json.loads((output / "demo_results.json").read_text())
+    assert 0.0 <= results["test"]["bleu_4"] <= 1.0
+    assert 0.0 <= results["localisation"]["share"] <= 1.0 and 0.0 <= results["localisation"]["chance"] < 1.0
+    assert results["training"]["images"] >= 480
+    for i in range(2):
+        figure = output / f"attention_{i}.png"
+        assert figure.stat().st_size > 10_000
+        assert str(figure) in printed
+    assert (output / "run" / "model" / "model.safetensors").is_file()
