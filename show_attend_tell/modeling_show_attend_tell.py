@@ -16,6 +16,12 @@ Several decoder rows may share one image: the captions of one image during train
 (and returned sequences) of one image during `generate()`. Rows are grouped by image in
 `repeat_interleave` order (rows `i * k ... i * k + k - 1` belong to image `i`), so image features and
 their attention projection are stored once per image and never copied per row.
+
+Inference without gradients (`generate()`, evaluation) takes a faster route through the same function:
+see `ShowAttendTellDecoder` (a decoding step with its weights prepared once, float32 state under bf16
+autocast) and `ShowAttendTellEncoder._cpu_inference_chunk` (the ResNet a few images at a time on a CPU).
+Fast captioning: `model.to(memory_format=torch.channels_last)`, channels_last `pixel_values`, and
+`generate()` under `torch.inference_mode()` and `torch.autocast(device_type, dtype=torch.bfloat16)`.
 """
 
 from __future__ import annotations
@@ -137,6 +143,9 @@ class ShowAttendTellCache:
         projected_features (`torch.Tensor` of shape `(images, num_pixels, attention_dim)`)
         hidden, cell (`torch.Tensor` of shape `(rows, decoder_dim)`)
         seq_length (`int`): how many tokens the state has consumed.
+        compute_features (`torch.Tensor` of shape `(images, num_pixels, encoder_dim)`, *optional*):
+            The features in the dtype the inference step multiplies them in (`features` itself when it
+            already has that dtype); made by the decoder.
     """
 
     is_compileable = False  # read by generate() on CUDA; this state cannot be a static cache
@@ -148,12 +157,15 @@ class ShowAttendTellCache:
         hidden: torch.Tensor,
         cell: torch.Tensor,
         seq_length: int = 0,
+        compute_features: torch.Tensor | None = None,
     ) -> None:
         self.features = features
         self.projected_features = projected_features
         self.hidden = hidden
         self.cell = cell
         self.seq_length = seq_length
+        self.compute_features = compute_features
+        self.scratch: torch.Tensor | None = None  # reused by the attention from step to step
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
@@ -216,6 +228,11 @@ def convert_torchvision_resnet_state_dict(state_dict: dict[str, torch.Tensor]) -
     return renamed
 
 
+# Inference on a CPU runs the ResNet a few images at a time (see ShowAttendTellEncoder._cpu_inference_chunk):
+# ~1.4x the images/s of one call at batch 32, on 2 cores with bf16.
+CPU_ENCODER_CHUNK_BYTES = 16 * 2**20
+
+
 class ShowAttendTellEncoder(nn.Module):
     """
     ResNet feature extractor: `pixel_values` (images, 3, H, W) -> features (images, num_pixels, encoder_dim).
@@ -236,8 +253,34 @@ class ShowAttendTellEncoder(nn.Module):
         self, pixel_values: torch.FloatTensor, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The ResNet's last feature map at its native resolution, (images, encoder_dim, H/32, W/32)."""
+        chunk = None if output_hidden_states else self._cpu_inference_chunk(pixel_values)
+        if chunk is not None and chunk < pixel_values.shape[0]:
+            parts = [
+                self.resnet(part, return_dict=True).last_hidden_state for part in pixel_values.split(chunk)
+            ]
+            return torch.cat(parts), None
         outputs = self.resnet(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         return outputs.last_hidden_state, outputs.hidden_states
+
+    def _cpu_inference_chunk(self, pixel_values: torch.Tensor) -> int | None:
+        """
+        Images per ResNet call for inference on a CPU (None elsewhere). A ResNet's activations for a whole
+        batch outgrow the CPU's caches, and glibc's allocator hands every tensor above 32 MB back to the
+        kernel when it is freed, so each layer's output is mapped, zeroed and faulted in afresh; a few
+        images at a time keep the largest activation near CPU_ENCODER_CHUNK_BYTES (results are the same).
+        """
+        if self.training or torch.is_grad_enabled() or pixel_values.device.type != "cpu":
+            return None
+        config = self.config.encoder_config
+        pixels = pixel_values.shape[-2] * pixel_values.shape[-1]
+        # the largest activations: the stem's convolution (H/2 x W/2) and the first stage (H/4 x W/4)
+        elements = max(config.embedding_size * pixels // 4, config.hidden_sizes[0] * pixels // 16)
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        else:
+            dtype = self.resnet.embedder.embedder.convolution.weight.dtype
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return max(1, CPU_ENCODER_CHUNK_BYTES // max(1, elements * element_size))
 
     def pool_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """(images, encoder_dim, h, w) -> (images, encoded_image_size ** 2, encoder_dim)."""
@@ -299,6 +342,12 @@ class ShowAttendTellEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+# Additive attention forms a (rows, num_pixels, attention_dim) intermediate at every step: 64 MB in float32
+# for 32 images x 5 beams. Streamed through main memory, it costs a CPU more than all of the decoder's matrix
+# products together; cut into blocks that stay in the cache, it costs about a tenth of that.
+CPU_ATTENTION_BLOCK_BYTES = 4 * 2**20
+
+
 class ShowAttendTellAttention(nn.Module):
     """
     Soft (deterministic) attention: `alpha = softmax(w^T relu(W_f f + W_h h))` over the grid positions.
@@ -338,6 +387,88 @@ class ShowAttendTellAttention(nn.Module):
         context = torch.bmm(alpha, features)  # one batched product per image serves all of its rows
         return context.reshape(hidden.shape[0], -1), alpha.reshape(hidden.shape[0], num_pixels)
 
+    @staticmethod
+    def blocked_scores(
+        keys: torch.Tensor,
+        query: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        scratch: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The scores `w^T relu(keys + query) + b` of every row at every grid position, as in `forward`, without
+        materialising the whole `(images, rows_per_image, num_pixels, attention_dim)` intermediate on a CPU:
+        it is computed a few images at a time in one reused buffer that stays in the cache.
+
+        Args:
+            keys (`(images, num_pixels, attention_dim)`): the projected features (`project_features`).
+            query (`(images, rows_per_image, attention_dim)`): the projected LSTM state, same dtype as `keys`.
+            weight (`(attention_dim,)`), bias (`()`): the score layer.
+            scratch: the buffer returned by the previous call, reused when it is large enough.
+
+        Returns:
+            scores (`(images, rows_per_image, num_pixels)`), and the buffer to pass to the next call.
+        """
+        images, num_pixels, attention_dim = keys.shape
+        rows_per_image = query.shape[1]
+        per_image = rows_per_image * num_pixels * attention_dim
+        block = images
+        if keys.device.type == "cpu":
+            block = max(1, min(images, CPU_ATTENTION_BLOCK_BYTES // (per_image * keys.element_size())))
+        reusable = scratch is not None and scratch.numel() >= block * per_image
+        if not reusable or scratch.dtype != keys.dtype or scratch.device != keys.device:
+            scratch = keys.new_empty(block * per_image)
+        scores = keys.new_empty(images, rows_per_image, num_pixels)
+        for start in range(0, images, block):  # one pass on a GPU; blocks of a few images on a CPU
+            stop = min(start + block, images)
+            hidden = scratch[: (stop - start) * per_image].view(stop - start, rows_per_image, num_pixels, -1)
+            torch.add(keys[start:stop].unsqueeze(1), query[start:stop].unsqueeze(2), out=hidden)
+            hidden.relu_()
+            torch.mv(hidden.view(-1, attention_dim), weight, out=scores[start:stop].view(-1))
+        return scores.add_(bias), scratch
+
+
+def _version_of(tensor: torch.Tensor) -> int:
+    """The version counter of a tensor (bumped by in-place changes); -1 for inference tensors, which have none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
+class _InferenceWeights:
+    """
+    The decoder's weights laid out for the inference step, in its compute dtype, made once and reused by
+    every step and every `generate()` call until a parameter changes.
+
+    The LSTM state `h` enters three products at each step (the attention query `W_h h`, the gate
+    `f_beta(h)` and the LSTM's recurrent term `W_hh h`): they are stacked into one matrix, so one product
+    serves all three. The recurrent term carries both LSTM biases.
+    """
+
+    def __init__(self, decoder: ShowAttendTellDecoder, dtype: torch.dtype) -> None:
+        attention, lstm = decoder.attention, decoder.lstm
+        with torch.no_grad():
+            self.hidden_weight = torch.cat(
+                [attention.decoder_projection.weight, decoder.gate.weight, lstm.weight_hh]
+            ).to(dtype)
+            self.hidden_bias = torch.cat(
+                [attention.decoder_projection.bias, decoder.gate.bias, lstm.bias_hh + lstm.bias_ih]
+            ).to(dtype)
+            self.input_weight = lstm.weight_ih.detach().to(dtype)
+            self.embedding = decoder.embedding.weight.detach().to(dtype)
+            self.output_weight = decoder.output_layer.weight.detach().to(dtype)
+            self.output_bias = decoder.output_layer.bias.detach().to(dtype)
+            # attention scores, the LSTM cell and the initial state are computed in float32
+            self.score_weight = attention.score.weight.detach().float().reshape(-1)
+            self.score_bias = attention.score.bias.detach().float().reshape(())
+            self.init_weight = torch.cat([decoder.init_hidden.weight, decoder.init_cell.weight]).float()
+            self.init_bias = torch.cat([decoder.init_hidden.bias, decoder.init_cell.bias]).float()
+        self.dtype = dtype
+        self.attention_dim = attention.decoder_projection.out_features
+        self.encoder_dim = decoder.gate.out_features
+        self.decoder_dim = lstm.hidden_size
+
 
 class ShowAttendTellDecoder(nn.Module):
     """
@@ -349,6 +480,16 @@ class ShowAttendTellDecoder(nn.Module):
         logits_t = output_layer(dropout(h))
 
     The initial state is a linear function of the mean feature vector (section 3.1.2).
+
+    Two implementations of a step compute the same function. `step` is the plain one, used whenever
+    gradients are recorded or the module is in training mode. Inference (`generate()`, or any forward in
+    eval mode under `torch.no_grad()` / `torch.inference_mode()`) uses a faster one while
+    `fast_inference` is True (the default): the products of the LSTM state are one matrix product, weights
+    are cast to the compute dtype once rather than at every step, the attention is computed in
+    cache-sized blocks, identical rows (the beams of an image at the first step) are computed once, and
+    the LSTM state, the attention weights and the attention scores stay in float32 under bf16 autocast.
+    The compute dtype is the autocast dtype when autocast is on (e.g. `torch.autocast("cpu",
+    dtype=torch.bfloat16)`), else the dtype of the weights. In float32 both give the same ids.
     """
 
     def __init__(self, config: ShowAttendTellConfig) -> None:
@@ -362,6 +503,8 @@ class ShowAttendTellDecoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.output_layer = nn.Linear(config.decoder_dim, config.vocab_size)
         self.gradient_checkpointing = False
+        self.fast_inference = True
+        self._inference_weights_memo: tuple | None = None
 
     def initial_state(self, features: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, num_pixels, encoder_dim) -> hidden, cell of shape (images * rows_per_image, decoder_dim)."""
@@ -407,7 +550,10 @@ class ShowAttendTellDecoder(nn.Module):
                     f"{rows} token rows cannot be grouped evenly over {images} images: rows must be "
                     "images x rows_per_image, grouped by image"
                 )
-            hidden, cell = self.initial_state(features, rows // images)
+        if self.fast_inference and not self.training and not torch.is_grad_enabled():
+            return self._inference_forward(input_ids, features, cache)
+        if cache is None:
+            hidden, cell = self.initial_state(features, rows // features.shape[0])
             cache = ShowAttendTellCache(features, self.attention.project_features(features), hidden, cell)
         hidden, cell = cache.hidden, cache.cell
         all_logits, all_alphas, all_hidden = [], [], []
@@ -433,6 +579,140 @@ class ShowAttendTellDecoder(nn.Module):
             torch.stack(all_hidden, dim=1),
             new_cache,
         )
+
+    # -- inference ------------------------------------------------------------------------------------
+
+    def compute_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype of the inference step's matrix products: autocast's when it is on, else the weights'."""
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.output_layer.weight.dtype
+
+    def _inference_weights(self, dtype: torch.dtype) -> _InferenceWeights:
+        # Valid until a parameter is replaced, moved or modified in place (which bumps its version counter).
+        key = (
+            dtype,
+            *((p.data_ptr(), _version_of(p), p.dtype, p.device, p.shape) for p in self.parameters()),
+        )
+        memo = getattr(self, "_inference_weights_memo", None)
+        if memo is None or memo[0] != key:
+            memo = (key, _InferenceWeights(self, dtype))
+            self._inference_weights_memo = memo
+        return memo[1]
+
+    def _inference_forward(
+        self, input_ids: torch.LongTensor, features: torch.Tensor, cache: ShowAttendTellCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShowAttendTellCache]:
+        """`forward` without gradients: the same function, computed as described in the class docstring."""
+        rows, steps = input_ids.shape
+        if cache is None:
+            images = features.shape[0]
+            rows_per_image = rows // images
+            grouped = input_ids.view(images, rows_per_image, steps)
+            if rows_per_image > 1 and bool((grouped == grouped[:, :1]).all()):
+                # Every row of an image reads the same words (generate's first step: <start> for every
+                # beam): decode one row per image and copy the results.
+                logits, alphas, outputs, cache = self._inference_forward(grouped[:, 0], features, None)
+                cache.hidden = cache.hidden.repeat_interleave(rows_per_image, dim=0)
+                cache.cell = cache.cell.repeat_interleave(rows_per_image, dim=0)
+                return (
+                    logits.repeat_interleave(rows_per_image, dim=0),
+                    alphas.repeat_interleave(rows_per_image, dim=0),
+                    outputs.repeat_interleave(rows_per_image, dim=0),
+                    cache,
+                )
+        device_type = input_ids.device.type
+        weights = self._inference_weights(self.compute_dtype(device_type))
+        features = features if cache is None else cache.features
+        compute_features = None if cache is None else cache.compute_features
+        if compute_features is None or compute_features.dtype != weights.dtype:
+            # Kept in its memory layout: the batched products read (images, num_pixels, encoder_dim) as well
+            # as its transpose, which is what a channels-first encoder's output is.
+            compute_features = features.to(weights.dtype)
+            if not (compute_features.is_contiguous() or compute_features.transpose(1, 2).is_contiguous()):
+                compute_features = compute_features.contiguous()
+        if cache is None:
+            # The attention keys are made under the caller's autocast, through the module (hooks see it).
+            keys = self.attention.project_features(compute_features).float()
+            with torch.autocast(device_type, enabled=False):
+                # the mean feature as a matrix product: a reduction over the middle dimension is slow
+                ones = compute_features.new_ones(1, 1, compute_features.shape[1])
+                mean_features = torch.matmul(ones, compute_features).squeeze(1).float() / ones.shape[-1]
+                hidden, cell = F.linear(mean_features, weights.init_weight, weights.init_bias).chunk(2, dim=1)
+            cache = ShowAttendTellCache(
+                features,
+                keys,
+                hidden.repeat_interleave(rows // images, dim=0),
+                cell.repeat_interleave(rows // images, dim=0),
+            )
+        keys = cache.projected_features.float()
+        hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), cache.scratch
+        all_logits, all_alphas, all_hidden = [], [], []
+        with torch.autocast(device_type, enabled=False):
+            for t in range(steps):
+                logits, alpha, hidden, cell, scratch = self._inference_step(
+                    input_ids[:, t], keys, compute_features, hidden, cell, weights, scratch
+                )
+                all_logits.append(logits)
+                all_alphas.append(alpha)
+                all_hidden.append(hidden)
+        new_cache = ShowAttendTellCache(
+            cache.features, keys, hidden, cell, cache.seq_length + steps, compute_features=compute_features
+        )
+        new_cache.scratch = scratch
+        if steps == 1:  # generate()'s steps: no copies
+            return (
+                all_logits[0].unsqueeze(1),
+                all_alphas[0].unsqueeze(1),
+                all_hidden[0].unsqueeze(1),
+                new_cache,
+            )
+        return (
+            torch.stack(all_logits, dim=1),
+            torch.stack(all_alphas, dim=1),
+            torch.stack(all_hidden, dim=1),
+            new_cache,
+        )
+
+    def _inference_step(
+        self,
+        input_ids: torch.LongTensor,
+        keys: torch.Tensor,
+        compute_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+        weights: _InferenceWeights,
+        scratch: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step` for inference. keys (images, num_pixels, attention_dim) float32; compute_features
+        (images, num_pixels, encoder_dim) in the compute dtype; hidden, cell (rows, decoder_dim) float32."""
+        images, rows = keys.shape[0], input_ids.shape[0]
+        attention_dim, encoder_dim = weights.attention_dim, weights.encoder_dim
+        # attention query, gate and recurrent term of the LSTM: one product
+        from_hidden = F.linear(hidden.to(weights.dtype), weights.hidden_weight, weights.hidden_bias)
+        query = from_hidden[:, :attention_dim].float().view(images, rows // images, attention_dim)
+        scores, scratch = ShowAttendTellAttention.blocked_scores(
+            keys, query, weights.score_weight, weights.score_bias, scratch
+        )
+        alpha = scores.softmax(dim=-1)  # (images, rows_per_image, num_pixels)
+        # (images, rows_per_image, encoder_dim): one batched product per image serves all of its rows
+        context = torch.bmm(alpha.to(weights.dtype), compute_features)
+        gate = torch.sigmoid(from_hidden[:, attention_dim : attention_dim + encoder_dim])
+        lstm_input = torch.cat(
+            [
+                F.embedding(input_ids, weights.embedding),
+                gate * context.view(rows, encoder_dim),
+            ],
+            dim=1,
+        )
+        gates = torch.addmm(
+            from_hidden[:, attention_dim + encoder_dim :], lstm_input, weights.input_weight.t()
+        )
+        input_gate, forget_gate, cell_gate, output_gate = gates.float().chunk(4, dim=1)
+        cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
+        hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
+        logits = F.linear(hidden.to(weights.dtype), weights.output_weight, weights.output_bias)
+        return logits, alpha.view(rows, -1), hidden, cell, scratch
 
 
 # --------------------------------------------------------------------------------------------------

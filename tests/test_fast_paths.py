@@ -1,0 +1,243 @@
+"""The fast inference paths give the same ids as the plain step (float32) and nearly always in bf16."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import sharpen_decoder, unit_features
+from transformers.modeling_outputs import BaseModelOutput
+
+import show_attend_tell.modeling_show_attend_tell as modeling
+from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+
+pytestmark = pytest.mark.compat
+
+
+def generate(model, features: BaseModelOutput, fast: bool = True, autocast: bool = False, **kwargs):
+    model.decoder.fast_inference = fast
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model.generate(encoder_outputs=copy.deepcopy(features), **kwargs)
+    finally:
+        model.decoder.fast_inference = True
+
+
+@pytest.fixture
+def wide_model():
+    """A small model whose rows per image and grid make the attention run in several blocks when asked."""
+    torch.manual_seed(0)
+    config = ShowAttendTellConfig.tiny(vocab_size=40)
+    model = ShowAttendTellForConditionalGeneration(config).eval()
+    sharpen_decoder(model, std=0.5, seed=1)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_beams": 1},
+        {"num_beams": 3, "length_penalty": 0.0},
+        {"num_beams": 5, "num_return_sequences": 2, "min_new_tokens": 2},
+        {"num_beams": 4, "length_penalty": 1.0, "early_stopping": True},
+    ],
+)
+def test_generate_gives_the_same_ids_as_the_plain_step(tiny_model, kwargs):
+    features = unit_features(6, tiny_model.config, seed=21)
+    common = {"max_new_tokens": 8, "return_dict_in_generate": True, "output_scores": True, **kwargs}
+    fast = generate(tiny_model, features, fast=True, **common)
+    plain = generate(tiny_model, features, fast=False, **common)
+    assert torch.equal(fast.sequences, plain.sequences)
+    if kwargs["num_beams"] > 1:
+        torch.testing.assert_close(fast.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("identical_rows", [True, False])
+def test_teacher_forced_forward_equals_the_plain_step(tiny_model, identical_rows):
+    features = unit_features(2, tiny_model.config, seed=4)
+    if identical_rows:  # the first step of generate(): every beam of an image reads the same words
+        input_ids = torch.tensor([[1, 5, 6, 7]] * 3 + [[1, 8, 5, 9]] * 3)
+    else:
+        input_ids = torch.tensor(
+            [[1, 5, 6, 7], [1, 6, 6, 7], [1, 9, 5, 5], [1, 8, 5, 9], [1, 7, 7, 7], [1, 5, 8, 6]]
+        )
+    with torch.no_grad():
+        fast = tiny_model(encoder_outputs=features, input_ids=input_ids, output_hidden_states=True)
+        tiny_model.decoder.fast_inference = False
+        plain = tiny_model(encoder_outputs=features, input_ids=input_ids, output_hidden_states=True)
+        tiny_model.decoder.fast_inference = True
+    torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.cross_attentions, plain.cross_attentions, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        fast.decoder_hidden_states[0], plain.decoder_hidden_states[0], atol=1e-6, rtol=1e-5
+    )
+    fast_state = fast.cache if "cache" in fast else fast.past_key_values
+    plain_state = plain.cache if "cache" in plain else plain.past_key_values
+    torch.testing.assert_close(fast_state.cell, plain_state.cell, atol=1e-6, rtol=1e-5)
+    assert fast_state.get_seq_length() == plain_state.get_seq_length() == 4
+
+
+def test_a_plain_state_continues_on_the_fast_path_and_back(tiny_model):
+    features = unit_features(1, tiny_model.config, seed=2)
+    tokens = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        full = tiny_model(encoder_outputs=features, input_ids=tokens).logits
+        tiny_model.decoder.fast_inference = False
+        first = tiny_model(encoder_outputs=features, input_ids=tokens[:, :2])
+        tiny_model.decoder.fast_inference = True
+        state = first.cache if "cache" in first else first.past_key_values
+        second = tiny_model(input_ids=tokens[:, 2:4], cache=state)
+        state = second.cache if "cache" in second else second.past_key_values
+        tiny_model.decoder.fast_inference = False
+        third = tiny_model(input_ids=tokens[:, 4:], cache=state).logits
+        tiny_model.decoder.fast_inference = True
+    torch.testing.assert_close(
+        torch.cat([first.logits, second.logits, third], dim=1), full, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_blocked_attention_scores_equal_the_whole_computation(wide_model, monkeypatch):
+    attention = wide_model.decoder.attention
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(7, 16, 32, generator=generator)
+    query = torch.randn(7, 3, 32, generator=generator)
+    weight, bias = torch.randn(32, generator=generator), torch.tensor(0.3)
+    expected = torch.relu(keys.unsqueeze(1) + query.unsqueeze(2)) @ weight + bias
+    whole, _ = attention.blocked_scores(keys, query, weight, bias)
+    # blocks of two images, the last one short; the buffer is reused on the next call
+    monkeypatch.setattr(modeling, "CPU_ATTENTION_BLOCK_BYTES", 2 * 3 * 16 * 32 * 4)
+    blocked, scratch = attention.blocked_scores(keys, query, weight, bias)
+    again, scratch_again = attention.blocked_scores(keys, query, weight, bias, scratch)
+    assert scratch.numel() == 2 * 3 * 16 * 32 and scratch_again is scratch
+    for scores in (whole, blocked, again):
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_blocked_attention_gives_the_same_ids(wide_model, monkeypatch):
+    features = unit_features(5, wide_model.config, seed=8)
+    kwargs = {"num_beams": 3, "max_new_tokens": 7, "min_new_tokens": 2}
+    whole = generate(wide_model, features, **kwargs)
+    monkeypatch.setattr(modeling, "CPU_ATTENTION_BLOCK_BYTES", 1)  # one image per block
+    blocked = generate(wide_model, features, **kwargs)
+    plain = generate(wide_model, features, fast=False, **kwargs)
+    assert torch.equal(whole, blocked) and torch.equal(whole, plain)
+
+
+def test_weights_prepared_for_inference_follow_parameter_changes(tiny_model):
+    features = unit_features(3, tiny_model.config, seed=6)
+    kwargs = {"num_beams": 3, "max_new_tokens": 6}
+    before = generate(tiny_model, features, **kwargs)
+    assert torch.equal(before, generate(tiny_model, features, **kwargs))
+    with torch.no_grad():  # an in-place change, as an optimizer step or load_state_dict makes
+        tiny_model.decoder.output_layer.bias[before[:, 1]] -= 50.0
+    after = generate(tiny_model, features, **kwargs)
+    assert torch.equal(after, generate(tiny_model, features, fast=False, **kwargs))
+    assert not torch.equal(after[:, 1], before[:, 1])
+
+
+def test_training_mode_under_no_grad_keeps_dropout():
+    """The fast path has no dropout, so it must not run in training mode."""
+    torch.manual_seed(0)
+    model = ShowAttendTellForConditionalGeneration(
+        ShowAttendTellConfig.tiny(vocab_size=20, dropout=0.5)
+    ).train()
+    features = unit_features(1, model.config)
+    input_ids = torch.tensor([[1, 5, 6, 7]] * 4)
+    with torch.no_grad():
+        logits = model(encoder_outputs=features, input_ids=input_ids).logits
+    assert not torch.allclose(logits[0], logits[1])  # same words, different dropout masks
+
+
+def test_bf16_autocast_generate_matches_float32_for_most_images(tiny_model):
+    """bf16 rounds the products: a caption may change only where two hypotheses nearly tie."""
+    features = unit_features(24, tiny_model.config, seed=31)
+    kwargs = {"num_beams": 3, "max_new_tokens": 6, "length_penalty": 0.0}
+    reference = generate(tiny_model, features, **kwargs)
+    fast_bf16 = generate(tiny_model, features, autocast=True, **kwargs)
+    plain_bf16 = generate(tiny_model, features, fast=False, autocast=True, **kwargs)
+    assert fast_bf16.shape[0] == reference.shape[0] == 24
+    same = [torch.equal(a, b) for a, b in zip(fast_bf16, reference, strict=True)]
+    plain_same = [torch.equal(a, b) for a, b in zip(plain_bf16, reference, strict=True)]
+    assert sum(same) >= 0.8 * len(same)
+    assert sum(same) >= sum(plain_same) - 2  # at least as faithful as bf16 autocast of the plain step
+
+
+def test_bf16_weights_generate(tiny_model):
+    """A model converted to bf16 (no autocast) decodes too; its state stays float32."""
+    features = unit_features(8, tiny_model.config, seed=12)
+    reference = generate(tiny_model, features, num_beams=3, max_new_tokens=6)
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    out = generate(model, features, num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 8
+    state = out.get("cache") if "cache" in out else out.get("past_key_values")
+    assert state.hidden.dtype == torch.float32
+    same = [torch.equal(a, b) for a, b in zip(out.sequences, reference, strict=True)]
+    assert sum(same) >= 0.5 * len(same)
+
+
+def test_channels_last_bf16_end_to_end(tiny_model):
+    """The fast configuration of the benchmark: channels_last encoder, bf16 autocast, from pixels."""
+    pixel_values = torch.randn(3, 3, 64, 64)
+    reference = tiny_model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=5)
+    model = copy.deepcopy(tiny_model).to(memory_format=torch.channels_last)
+    pixels = pixel_values.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=5), reference)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ids = model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=5)
+    assert ids.shape[0] == 3 and ids.dtype == torch.long
+
+
+def test_encoder_runs_a_few_images_at_a_time_on_cpu_with_the_same_features(tiny_model, monkeypatch):
+    pixel_values = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        whole = tiny_model.encoder(pixel_values).last_hidden_state
+        calls = []
+        hook = tiny_model.encoder.resnet.register_forward_hook(
+            lambda m, args, out: calls.append(args[0].shape[0])
+        )
+        monkeypatch.setattr(modeling, "CPU_ENCODER_CHUNK_BYTES", 1)  # one image per ResNet call
+        chunked = tiny_model.encoder(pixel_values).last_hidden_state
+        with_hidden_states = tiny_model.encoder(pixel_values, output_hidden_states=True)
+        hook.remove()
+    assert calls == [1, 1, 1, 1, 1, 5]  # hidden states are computed for the whole batch at once
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(with_hidden_states.last_hidden_state, whole, atol=1e-5, rtol=1e-5)
+    assert len(with_hidden_states.hidden_states) == 5
+    with torch.enable_grad():  # training-style calls see the whole batch
+        assert tiny_model.encoder._cpu_inference_chunk(pixel_values) is None
+
+
+def test_the_benchmarks_classic_reference_returns_generates_captions(tiny_model):
+    """benchmarks/reference_beam_search.py (batch 1, features copied per beam) decodes like generate()."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from reference_beam_search import classic_beam_search
+
+    eos = tiny_model.config.eos_token_id
+    features = unit_features(6, tiny_model.config, seed=17)
+    ids = generate(tiny_model, features, num_beams=3, max_new_tokens=7, length_penalty=0.0)
+    for image in range(6):
+        tokens = ids[image].tolist()[1:]
+        expected = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+        found, score, _ = classic_beam_search(
+            tiny_model, features.last_hidden_state[image], 3, 7, search="fixed"
+        )
+        assert found == expected
+        assert score == pytest.approx(teacher_forced_score(tiny_model, features, image, found), abs=1e-4)
+        # the tutorial's own rule (the beam shrinks as captions end) returns a complete caption too
+        shrinking, _, _ = classic_beam_search(
+            tiny_model, features.last_hidden_state[image], 3, 7, search="shrinking"
+        )
+        assert shrinking[-1] == eos or len(shrinking) == 7
+
+
+def teacher_forced_score(model, features: BaseModelOutput, image: int, tokens: list[int]) -> float:
+    start = model.config.decoder_start_token_id
+    one = BaseModelOutput(last_hidden_state=features.last_hidden_state[image : image + 1])
+    with torch.no_grad():
+        logits = model(encoder_outputs=one, input_ids=torch.tensor([[start, *tokens[:-1]]])).logits
+    log_probs = logits[0].log_softmax(-1)
+    return sum(log_probs[t, token].item() for t, token in enumerate(tokens))
