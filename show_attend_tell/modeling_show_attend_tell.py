@@ -515,20 +515,21 @@ class ShowAttendTellDecoder(nn.Module):
 
     def step(
         self,
-        input_ids: torch.LongTensor,
+        embedded: torch.Tensor,
         features: torch.Tensor,
         projected_features: torch.Tensor,
         hidden: torch.Tensor,
         cell: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One word for every row: input_ids (rows,) -> logits (rows, vocab), alpha (rows, num_pixels), hidden, cell."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        One word for every row: embedded previous words (rows, embed_dim) -> alpha (rows, num_pixels), hidden,
+        cell. The output layer is not applied here: `forward` applies it once to every step's LSTM output.
+        """
         context, alpha = self.attention(features, projected_features, hidden)
         context = torch.sigmoid(self.gate(hidden)) * context
-        embedded = self.embedding(input_ids)
         lstm_input = torch.cat([embedded, context.to(embedded.dtype)], dim=-1)
         hidden, cell = self.lstm(lstm_input, (hidden, cell))
-        logits = self.output_layer(self.dropout(hidden))
-        return logits, alpha, hidden, cell
+        return alpha, hidden, cell
 
     def forward(
         self,
@@ -556,29 +557,28 @@ class ShowAttendTellDecoder(nn.Module):
             hidden, cell = self.initial_state(features, rows // features.shape[0])
             cache = ShowAttendTellCache(features, self.attention.project_features(features), hidden, cell)
         hidden, cell = cache.hidden, cache.cell
-        all_logits, all_alphas, all_hidden = [], [], []
+        # The embedding and the output layer do not depend on the recurrence: one product each for all the
+        # steps rather than one small product per step.
+        embedded = self.embedding(input_ids)
+        all_alphas, all_hidden = [], []
         for t in range(steps):
             if self.gradient_checkpointing and self.training:
                 # transformers sets _gradient_checkpointing_func when checkpointing is enabled
-                logits, alpha, hidden, cell = self._gradient_checkpointing_func(
-                    self.step, input_ids[:, t], cache.features, cache.projected_features, hidden, cell
+                alpha, hidden, cell = self._gradient_checkpointing_func(
+                    self.step, embedded[:, t], cache.features, cache.projected_features, hidden, cell
                 )
             else:
-                logits, alpha, hidden, cell = self.step(
-                    input_ids[:, t], cache.features, cache.projected_features, hidden, cell
+                alpha, hidden, cell = self.step(
+                    embedded[:, t], cache.features, cache.projected_features, hidden, cell
                 )
-            all_logits.append(logits)
             all_alphas.append(alpha)
             all_hidden.append(hidden)
+        lstm_outputs = torch.stack(all_hidden, dim=1)
+        logits = self.output_layer(self.dropout(lstm_outputs))
         new_cache = ShowAttendTellCache(
             cache.features, cache.projected_features, hidden, cell, cache.seq_length + steps
         )
-        return (
-            torch.stack(all_logits, dim=1),
-            torch.stack(all_alphas, dim=1),
-            torch.stack(all_hidden, dim=1),
-            new_cache,
-        )
+        return logits, torch.stack(all_alphas, dim=1), lstm_outputs, new_cache
 
     # -- inference ------------------------------------------------------------------------------------
 
