@@ -57,7 +57,7 @@ def save_model_folder(
                 target.write_bytes(content)
             else:
                 target.write_text(content, encoding="utf-8")
-        _replace_directory(staging, output_dir)
+        replace_directory(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -84,13 +84,17 @@ def declare_pipeline(folder: str | os.PathLike) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _replace_directory(new: Path, target: Path) -> None:
-    """Moves `new` to `target`; an existing `target` is moved aside first and removed only afterwards."""
+def replace_directory(new: Path, target: Path, retired: Path | None = None) -> None:
+    """
+    Moves folder `new` to `target`; an existing `target` is first moved aside (to `retired`, or a hidden
+    temporary name next to it) and deleted only once `new` is in place.
+    """
     if not target.exists():
         os.replace(new, target)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(retired)
+    if retired is None:
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(retired)
     os.replace(target, retired)
     try:
         os.replace(new, target)

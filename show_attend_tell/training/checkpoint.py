@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..saving import replace_directory
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -124,19 +126,10 @@ def describe_os_error(error: OSError) -> str:
     return str(error)
 
 
-def replace_directory(new: Path, target: Path) -> None:
-    """Moves folder `new` to `target`; an existing `target` is moved aside first and deleted only afterwards."""
-    if not target.exists():
-        os.replace(new, target)
-        return
+def replace_checkpoint_directory(new: Path, target: Path) -> None:
+    """Moves folder `new` to `target`, the previous `target` set aside under a name `latest` ignores."""
     retired = target.with_name(f"{_TEMPORARY_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}")
-    os.replace(target, retired)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+    replace_directory(new, target, retired=retired)
 
 
 def write_checkpoint(
@@ -166,7 +159,7 @@ def write_checkpoint(
         # Written last: a folder with training_state.json has everything else (see is_checkpoint).
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
         _fsync_tree(staging)
-        replace_directory(staging, target)
+        replace_checkpoint_directory(staging, target)
         _fsync_directory(checkpoints_dir)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -224,7 +217,7 @@ __all__ = [
     "list_checkpoints",
     "read_training_state",
     "remove_stale_temporaries",
-    "replace_directory",
+    "replace_checkpoint_directory",
     "resolve_checkpoint",
     "write_checkpoint",
     "write_text_atomic",
