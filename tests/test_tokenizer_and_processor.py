@@ -137,7 +137,7 @@ def test_image_processor_resizes_and_normalises(sample_image):
 
 def test_image_processor_accepts_arrays_tensors_and_lists(sample_image):
     processor = ShowAttendTellImageProcessor(size=32)
-    array = np.asarray(sample_image)
+    array = np.array(sample_image)  # a writable copy: torch.from_numpy warns on read-only arrays
     from_pil = processor(sample_image)["pixel_values"]
     torch.testing.assert_close(processor(array)["pixel_values"], from_pil)
     torch.testing.assert_close(processor(torch.from_numpy(array).permute(2, 0, 1))["pixel_values"], from_pil)
