@@ -27,6 +27,7 @@ Fast captioning: `model.to(memory_format=torch.channels_last)`, channels_last `p
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,10 @@ CACHE_NAME: str = _ALL_CACHE_NAMES[0]
 IMAGE_TO_TEXT_AUTO_CLASSES = [
     name for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq") if hasattr(transformers, name)
 ]
+
+# Per thread and model: which images of the running beam search are still searching (see
+# `ShowAttendTellForConditionalGeneration._check_early_stop_heuristic`).
+_beam_search_progress = threading.local()
 
 DEFAULT_NUM_BEAMS = 3
 DEFAULT_MAX_NEW_TOKENS = 51  # 50 words and <end>
@@ -166,9 +171,39 @@ class ShowAttendTellCache:
         self.seq_length = seq_length
         self.compute_features = compute_features
         self.scratch: torch.Tensor | None = None  # reused by the attention from step to step
+        # Beam search only: which images are still searching (bool, (images,)), set by the model before each
+        # step, and the images the inference step decodes, with their keys and features (see
+        # `images_to_decode`).
+        self.searching: torch.Tensor | None = None
+        self.decoded_images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
+
+    def images_to_decode(
+        self, keys: torch.Tensor, compute_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """
+        The images the next beam-search step has to decode: `(image_index, keys, compute_features)` for a
+        subset of the images that holds every image still searching, or None to decode them all.
+
+        An image whose search has ended keeps its finished captions whatever its beams do next, so its rows
+        need not be computed. The subset's keys and features are copies, made again only when a quarter of
+        the images in it have finished since (copying them at every step would cost more than it saves).
+        """
+        if self.searching is None:
+            return None
+        searching = int(self.searching.sum())
+        if searching in (0, self.searching.numel()):
+            return None
+        if self.decoded_images is None or searching <= 0.75 * self.decoded_images[0].numel():
+            image_index = self.searching.nonzero().squeeze(1)
+            self.decoded_images = (
+                image_index,
+                keys.index_select(0, image_index),
+                compute_features.index_select(0, image_index),
+            )
+        return self.decoded_images
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> ShowAttendTellCache:
         """Selects the rows that survive a beam-search step, in place (generate ignores the return value)."""
@@ -647,6 +682,17 @@ class ShowAttendTellDecoder(nn.Module):
             )
         keys = cache.projected_features.float()
         hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), cache.scratch
+        decoded_images = cache.images_to_decode(keys, compute_features) if steps == 1 else None
+        if decoded_images is not None:
+            with torch.autocast(device_type, enabled=False):
+                logits, alpha, hidden, cell, scratch = self._inference_step_for_images(
+                    input_ids[:, 0], keys.shape[0], decoded_images, hidden, cell, weights, scratch
+                )
+            new_cache = ShowAttendTellCache(
+                cache.features, keys, hidden, cell, cache.seq_length + 1, compute_features=compute_features
+            )
+            new_cache.scratch, new_cache.decoded_images = scratch, decoded_images
+            return logits.unsqueeze(1), alpha.unsqueeze(1), hidden.unsqueeze(1), new_cache
         all_logits, all_alphas, all_hidden = [], [], []
         with torch.autocast(device_type, enabled=False):
             for t in range(steps):
@@ -672,6 +718,44 @@ class ShowAttendTellDecoder(nn.Module):
             torch.stack(all_alphas, dim=1),
             torch.stack(all_hidden, dim=1),
             new_cache,
+        )
+
+    def _inference_step_for_images(
+        self,
+        input_ids: torch.LongTensor,
+        images: int,
+        decoded_images: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+        weights: _InferenceWeights,
+        scratch: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        `_inference_step` for the rows of some images only (`ShowAttendTellCache.images_to_decode`). The other
+        rows keep their state and get zero logits and attention, which beam search never reads.
+        """
+        image_index, keys, compute_features = decoded_images
+        rows = input_ids.shape[0]
+        rows_per_image = rows // images
+        row_index = (
+            image_index.unsqueeze(1) * rows_per_image
+            + torch.arange(rows_per_image, device=image_index.device)
+        ).view(-1)
+        logits, alpha, new_hidden, new_cell, scratch = self._inference_step(
+            input_ids.index_select(0, row_index),
+            keys,
+            compute_features,
+            hidden.index_select(0, row_index),
+            cell.index_select(0, row_index),
+            weights,
+            scratch,
+        )
+        return (
+            logits.new_zeros(rows, logits.shape[1]).index_copy_(0, row_index, logits),
+            alpha.new_zeros(rows, alpha.shape[1]).index_copy_(0, row_index, alpha),
+            hidden.index_copy(0, row_index, new_hidden),
+            cell.index_copy(0, row_index, new_cell),
+            scratch,
         )
 
     def _inference_step(
@@ -963,6 +1047,7 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         if state is not None:
             # Only the tokens the LSTM has not consumed yet (the last one, after the first step).
             input_ids = input_ids[:, state.get_seq_length() :]
+            state.searching = self._images_still_searching().get("searching")
         return {
             "decoder_input_ids": input_ids,
             "encoder_outputs": encoder_outputs,
@@ -978,11 +1063,49 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         `return_dict_in_generate=True` the output has `attention_maps`, a tensor of shape
         `(num_sequences, generated_tokens, num_pixels)` holding, for every returned sequence, the
         attention of the step that produced each of its words (zeros after the sequence ended).
+
+        Beam search decodes every image of the batch until the last one is done. Here the images whose
+        search has ended cost nothing: their rows are not computed (the returned sequences and scores are
+        the same). In their rows, the per-step `cross_attentions` are zeros and the per-step `scores` those
+        of zero logits; with `output_logits` or `output_hidden_states` every row is computed.
         """
-        outputs = super().generate(*args, **kwargs)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        per_step_outputs = any(
+            kwargs.get(name, getattr(generation_config, name, False))
+            for name in ("output_logits", "output_hidden_states")
+        )
+        progress = _beam_search_progress.__dict__.setdefault("by_model", {})
+        previous = progress.get(id(self))
+        progress[id(self)] = {"skip_finished_images": not per_step_outputs}
+        try:
+            outputs = super().generate(*args, **kwargs)
+        finally:
+            if previous is None:
+                progress.pop(id(self), None)
+            else:
+                progress[id(self)] = previous
         if isinstance(outputs, ModelOutput) and getattr(outputs, "cross_attentions", None):
             outputs["attention_maps"] = self._attention_maps_per_sequence(outputs)
         return outputs
+
+    def _images_still_searching(self) -> dict:
+        return getattr(_beam_search_progress, "by_model", {}).get(id(self), {})
+
+    def _check_early_stop_heuristic(self, *args, **kwargs) -> torch.Tensor:
+        """
+        generate()'s beam search asks after every step whether each image's search can still change its
+        result; the answer is kept for the next step, which then decodes only the images still searching.
+        """
+        still_searching = super()._check_early_stop_heuristic(*args, **kwargs)
+        progress = self._images_still_searching()
+        if progress.get("skip_finished_images"):
+            searching = still_searching.view(-1)
+            finished = kwargs.get("is_sent_finished")
+            if kwargs.get("early_stopping") is True and finished is not None:
+                # early_stopping=True: an image is done as soon as it has num_beams finished captions
+                searching = searching & ~finished.all(dim=-1)
+            progress["searching"] = searching
+        return still_searching
 
     @staticmethod
     def _attention_maps_per_sequence(outputs: ModelOutput) -> torch.Tensor:

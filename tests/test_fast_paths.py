@@ -124,6 +124,81 @@ def test_generate_with_blocked_attention_gives_the_same_ids(wide_model, monkeypa
     assert torch.equal(whole, blocked) and torch.equal(whole, plain)
 
 
+@pytest.fixture
+def ending_model():
+    """A small model whose captions end after 1 to 12 words, so that images finish their search at different
+    steps."""
+    torch.manual_seed(0)
+    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=40)).eval()
+    sharpen_decoder(model, std=0.5, seed=1)
+    with torch.no_grad():
+        model.decoder.output_layer.bias[model.config.eos_token_id] += 2.0
+    return model
+
+
+def count_decoded_rows(model, monkeypatch) -> list[int]:
+    """Records how many rows each inference step computes."""
+    rows, step = [], model.decoder._inference_step
+
+    def counting_step(input_ids, *args):
+        rows.append(input_ids.shape[0])
+        return step(input_ids, *args)
+
+    monkeypatch.setattr(model.decoder, "_inference_step", counting_step)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"length_penalty": 0.0},
+        {},
+        {"early_stopping": True},
+        {"early_stopping": "never"},
+        {"num_return_sequences": 2, "min_new_tokens": 3},
+        {"output_attentions": True},
+    ],
+    ids=["length-penalty-0", "defaults", "early-stopping", "never", "two-returned", "attentions"],
+)
+def test_finished_images_are_not_decoded_and_results_are_unchanged(ending_model, monkeypatch, kwargs):
+    features = unit_features(12, ending_model.config, seed=3)
+    common = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True}
+    rows = count_decoded_rows(ending_model, monkeypatch)
+    fast = generate(ending_model, features, **common, **kwargs)
+    plain = generate(ending_model, features, fast=False, **common, **kwargs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    torch.testing.assert_close(fast.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
+    all_rows = 12 * 4
+    assert rows[0] == 12 and rows[1] == all_rows  # the first step decodes one row per image
+    assert min(rows[1:]) < all_rows, "no step left out the images whose search had ended"
+    if "output_attentions" in kwargs:
+        torch.testing.assert_close(fast.attention_maps, plain.attention_maps, atol=1e-5, rtol=1e-4)
+
+
+def test_every_row_is_decoded_when_per_step_logits_are_returned(ending_model, monkeypatch):
+    features = unit_features(12, ending_model.config, seed=3)
+    common = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_logits": True}
+    rows = count_decoded_rows(ending_model, monkeypatch)
+    fast = generate(ending_model, features, **common)
+    plain = generate(ending_model, features, fast=False, **common)
+    assert rows[1:] == [12 * 4] * (len(rows) - 1)
+    for fast_logits, plain_logits in zip(fast.logits, plain.logits, strict=True):
+        torch.testing.assert_close(fast_logits, plain_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_the_batch_gives_each_image_its_own_caption_when_finished_images_are_skipped(ending_model):
+    features = unit_features(6, ending_model.config, seed=9)
+    kwargs = {"num_beams": 3, "max_new_tokens": 10}
+    batched = generate(ending_model, features, **kwargs)
+    for image in range(6):
+        one = BaseModelOutput(last_hidden_state=features.last_hidden_state[image : image + 1])
+        alone = generate(ending_model, one, **kwargs)
+        width = alone.shape[1]
+        assert torch.equal(batched[image, :width], alone[0])
+        filler = torch.tensor([ending_model.config.pad_token_id, ending_model.config.eos_token_id])
+        assert torch.isin(batched[image, width:], filler).all()  # after <end>: padding
+
+
 def test_weights_prepared_for_inference_follow_parameter_changes(tiny_model):
     features = unit_features(3, tiny_model.config, seed=6)
     kwargs = {"num_beams": 3, "max_new_tokens": 6}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one run: the GPU tests (generate in float32 and bf16, a bf16 training run),
+# then both benchmarks on the GPU. Results (logs and JSON) go to $OUT, or ./gpu_results.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root, with the package importable
+#
+# On a machine without the package's dependencies, wheels in .whl/ (transformers, tokenizers, datasets and
+# its dill/multiprocess) are installed into /tmp/site first; the machine's own torch is used.
+set -uo pipefail
+out="${OUT:-gpu_results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
+
+status=0
+timeout 150 python3 -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
+timeout 270 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPEATS:-3}" ${GENERATE_OPTIONS:-} \
+    --json-out "$out/bench_generate_gpu.json" 2>&1 | tee "$out/bench_generate_gpu.log" || status=1
+timeout 150 python3 benchmarks/bench_train.py --device cuda --steps "${TRAIN_STEPS:-5}" --json-out "$out/bench_train_gpu.json" 2>&1 \
+    | tee "$out/bench_train_gpu.log" || status=1
+exit $status

@@ -1,0 +1,134 @@
+"""
+The same model on a CUDA device: generate() in float32 and bf16, and a bf16 training run of scripts/train.py.
+
+These need a GPU and are skipped without one (CI has none); `benchmarks/gpu_check.sh` runs them on a GPU
+machine together with the benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import sharpen_decoder, unit_features
+from transformers.modeling_outputs import BaseModelOutput
+
+from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny run of 40 synthetic pictures, 10 steps per epoch, in bf16 mixed precision.
+TRAIN_OPTIONS = (
+    "--dataset synthetic --dataset-option num_train=40 --dataset-option num_validation=8 "
+    "--dataset-option num_test=0 --dataset-option image_size=32 --model-size tiny --seed 7 "
+    "--min-word-freq 1 --batch-size 8 --captions-per-image 2 --decoder-lr 1e-2 --num-workers 0 "
+    "--report-to none --log-steps 1 --epochs 6 --max-val-samples 0 --checkpoint-steps 0 "
+    "--mixed-precision bf16"
+)
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """TF32 would round float32 products to 10 bits of mantissa; the float32 comparisons need real float32."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.fixture
+def model_pair():
+    """The same sharpened tiny model on the CPU and on the GPU."""
+    torch.manual_seed(0)
+    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=40)).eval()
+    sharpen_decoder(model, std=0.5, seed=3)
+    return model, copy.deepcopy(model).cuda()
+
+
+def on_gpu(features: BaseModelOutput) -> BaseModelOutput:
+    return BaseModelOutput(last_hidden_state=features.last_hidden_state.cuda())
+
+
+def generate(model, features: BaseModelOutput, fast: bool = True, bf16: bool = False, **kwargs):
+    device_type = model.device.type
+    model.decoder.fast_inference = fast
+    try:
+        with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            return model.generate(encoder_outputs=copy.deepcopy(features), **kwargs)
+    finally:
+        model.decoder.fast_inference = True
+
+
+@pytest.mark.parametrize("num_beams", [1, 5])
+def test_float32_generate_on_the_gpu_equals_the_cpu(model_pair, num_beams):
+    cpu_model, gpu_model = model_pair
+    features = unit_features(16, cpu_model.config, seed=5)
+    kwargs = {"num_beams": num_beams, "max_new_tokens": 10, "length_penalty": 0.0}
+    on_cpu = generate(cpu_model, features, **kwargs)
+    fast = generate(gpu_model, on_gpu(features), **kwargs)
+    plain = generate(gpu_model, on_gpu(features), fast=False, **kwargs)
+    assert fast.device.type == "cuda"
+    assert torch.equal(fast, plain), "the fast path differs from the plain step on the GPU"
+    assert torch.equal(fast.cpu(), on_cpu), "the GPU decodes other captions than the CPU"
+
+
+def test_bf16_generate_on_the_gpu_keeps_most_captions(model_pair):
+    _, gpu_model = model_pair
+    features = on_gpu(unit_features(32, gpu_model.config, seed=8))
+    kwargs = {"num_beams": 5, "max_new_tokens": 10, "length_penalty": 0.0, "return_dict_in_generate": True}
+    reference = generate(gpu_model, features, **kwargs)
+    bf16 = generate(gpu_model, features, bf16=True, **kwargs)
+    state = bf16.get("cache") if "cache" in bf16 else bf16.get("past_key_values")
+    assert state.hidden.dtype == torch.float32, "the LSTM state must stay float32 under autocast"
+    same = [torch.equal(a, b) for a, b in zip(bf16.sequences, reference.sequences, strict=True)]
+    assert sum(same) >= 0.8 * len(same), f"{sum(same)} of {len(same)} captions identical"
+
+
+def test_end_to_end_bf16_channels_last_on_the_gpu(model_pair):
+    cpu_model, gpu_model = model_pair
+    pixel_values = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    reference = cpu_model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=6)
+    assert torch.equal(
+        gpu_model.generate(pixel_values=pixel_values.cuda(), num_beams=3, max_new_tokens=6).cpu(), reference
+    )
+    fast_model = gpu_model.to(memory_format=torch.channels_last)
+    pixels = pixel_values.cuda().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fast_model.generate(
+            pixel_values=pixels,
+            num_beams=3,
+            max_new_tokens=6,
+            output_attentions=True,
+            return_dict_in_generate=True,
+        )
+    assert out.sequences.shape[0] == 4 and out.sequences.device.type == "cuda"
+    maps = out.attention_maps
+    torch.testing.assert_close(maps.sum(-1), torch.ones_like(maps.sum(-1)), atol=1e-3, rtol=0)
+
+
+def test_bf16_training_run_on_the_gpu(tmp_path: Path):
+    """scripts/train.py with Accelerate's bf16 mixed precision on the GPU: the loss falls, the model loads."""
+    spec = importlib.util.spec_from_file_location("train_script_on_gpu", ROOT / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    options = TRAIN_OPTIONS.split()
+    output = tmp_path / "run"
+    data = tmp_path / "data"
+    torch.cuda.reset_peak_memory_stats()
+    assert train.main([*options, "--dataset-cache-dir", str(data), "--output-dir", str(output)]) == 0
+    assert torch.cuda.max_memory_allocated() > 0, "the run did not use the GPU"
+    metrics = json.loads((output / "metrics.json").read_text())
+    losses = [entry["loss"] for entry in metrics["log"]]
+    start, end = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert end < 0.6 * start, f"loss went from {start:.3f} to {end:.3f}"
+    model = ShowAttendTellForConditionalGeneration.from_pretrained(output / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
