@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -402,25 +403,45 @@ class ShowAttendTellAttention(nn.Module):
         return self.encoder_projection(features)
 
     def forward(
-        self, features: torch.Tensor, projected_features: torch.Tensor, hidden: torch.Tensor
+        self,
+        features: torch.Tensor,
+        projected_features: torch.Tensor,
+        hidden: torch.Tensor,
+        rows_per_image: int | None = None,
+        row_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             features (`(images, num_pixels, encoder_dim)`), projected_features (`(images, num_pixels, attention_dim)`)
-            hidden (`(rows, decoder_dim)`): rows = images * rows_per_image, grouped by image.
+            hidden (`(rows, decoder_dim)`): the LSTM state of every row (rows = images * rows_per_image, grouped
+                by image), or of the rows `row_ids` only (a subset of those, in any order).
+            rows_per_image: needed with `row_ids`.
 
         Returns:
             context (`(rows, encoder_dim)`): the attention-weighted average of the features.
             alpha (`(rows, num_pixels)`): the attention weights.
         """
         images, num_pixels, _ = features.shape
-        rows_per_image = hidden.shape[0] // images
-        query = self.decoder_projection(hidden).view(images, rows_per_image, 1, -1)
-        # (images, rows_per_image, num_pixels, attention_dim) -> scores (images, rows_per_image, num_pixels)
-        scores = self.score(F.relu(projected_features.unsqueeze(1) + query)).squeeze(-1)
+        rows = hidden.shape[0]
+        if row_ids is None:
+            rows_per_image = rows // images
+            row_image = torch.arange(rows, device=hidden.device) // rows_per_image
+        else:
+            row_image = row_ids // rows_per_image
+        query = self.decoder_projection(hidden)
+        scores = _AttentionScores.apply(
+            projected_features, query, self.score.weight.view(-1), self.score.bias.view(()), row_image
+        )
         alpha = scores.softmax(dim=-1)
-        context = torch.bmm(alpha, features)  # one batched product per image serves all of its rows
-        return context.reshape(hidden.shape[0], -1), alpha.reshape(hidden.shape[0], num_pixels)
+        # one batched product per image serves all of its rows; a subset of rows is placed in the grouped
+        # layout first (the other rows attend to nothing)
+        grouped = alpha
+        if row_ids is not None:
+            grouped = alpha.new_zeros(images * rows_per_image, num_pixels).index_copy(0, row_ids, alpha)
+        context = torch.bmm(grouped.view(images, rows_per_image, num_pixels), features).flatten(0, 1)
+        if row_ids is not None:
+            context = context.index_select(0, row_ids)
+        return context, alpha
 
     @staticmethod
     def blocked_scores(
@@ -429,38 +450,110 @@ class ShowAttendTellAttention(nn.Module):
         weight: torch.Tensor,
         bias: torch.Tensor,
         scratch: torch.Tensor | None = None,
+        row_image: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
-        The scores `w^T relu(keys + query) + b` of every row at every grid position, as in `forward`, without
-        materialising the whole `(images, rows_per_image, num_pixels, attention_dim)` intermediate on a CPU:
-        it is computed a few images at a time in one reused buffer that stays in the cache.
+        The scores `w^T relu(keys + query) + b` of every row at every grid position, without materialising
+        the whole `(rows, num_pixels, attention_dim)` intermediate on a CPU: it is computed a few rows at a
+        time in one reused buffer that stays in the cache. All tensors in one dtype; no gradients.
 
         Args:
             keys (`(images, num_pixels, attention_dim)`): the projected features (`project_features`).
-            query (`(images, rows_per_image, attention_dim)`): the projected LSTM state, same dtype as `keys`.
+            query: the projected LSTM state, `(images, rows_per_image, attention_dim)` (rows grouped by image),
+                or `(rows, attention_dim)` with `row_image`.
             weight (`(attention_dim,)`), bias (`()`): the score layer.
             scratch: the buffer returned by the previous call, reused when it is large enough.
+            row_image (`(rows,)`): the image of each row of a `(rows, attention_dim)` query.
 
         Returns:
-            scores (`(images, rows_per_image, num_pixels)`), and the buffer to pass to the next call.
+            scores (`(images, rows_per_image, num_pixels)`, or `(rows, num_pixels)` with `row_image`), and the
+            buffer to pass to the next call.
         """
         images, num_pixels, attention_dim = keys.shape
-        rows_per_image = query.shape[1]
-        per_image = rows_per_image * num_pixels * attention_dim
-        block = images
-        if keys.device.type == "cpu":
-            block = max(1, min(images, CPU_ATTENTION_BLOCK_BYTES // (per_image * keys.element_size())))
-        reusable = scratch is not None and scratch.numel() >= block * per_image
+        grouped = row_image is None
+        # a block is a few images (each with all of its rows) or a few rows
+        units = images if grouped else query.shape[0]
+        per_unit = (query.shape[1] if grouped else 1) * num_pixels * attention_dim
+        block = _attention_block(units, per_unit, keys)
+        reusable = scratch is not None and scratch.numel() >= block * per_unit
         if not reusable or scratch.dtype != keys.dtype or scratch.device != keys.device:
-            scratch = keys.new_empty(block * per_image)
-        scores = keys.new_empty(images, rows_per_image, num_pixels)
-        for start in range(0, images, block):  # one pass on a GPU; blocks of a few images on a CPU
-            stop = min(start + block, images)
-            hidden = scratch[: (stop - start) * per_image].view(stop - start, rows_per_image, num_pixels, -1)
-            torch.add(keys[start:stop].unsqueeze(1), query[start:stop].unsqueeze(2), out=hidden)
+            scratch = keys.new_empty(block * per_unit)
+        scores = keys.new_empty(*query.shape[:-1], num_pixels)
+        for start in range(0, units, block):  # one pass on a GPU
+            stop = min(start + block, units)
+            hidden = scratch[: (stop - start) * per_unit].view(*scores[start:stop].shape, attention_dim)
+            if grouped:
+                torch.add(keys[start:stop].unsqueeze(1), query[start:stop].unsqueeze(2), out=hidden)
+            else:
+                torch.index_select(keys, 0, row_image[start:stop], out=hidden)
+                hidden.add_(query[start:stop].unsqueeze(1))
             hidden.relu_()
             torch.mv(hidden.view(-1, attention_dim), weight, out=scores[start:stop].view(-1))
         return scores.add_(bias), scratch
+
+
+def _attention_block(units: int, elements_per_unit: int, like: torch.Tensor) -> int:
+    """How many images or rows the attention takes at a time: all on a GPU, a cache-sized block on a CPU."""
+    if like.device.type != "cpu":
+        return max(units, 1)
+    return max(1, min(units, CPU_ATTENTION_BLOCK_BYTES // (elements_per_unit * like.element_size())))
+
+
+class _AttentionScores(torch.autograd.Function):
+    """
+    `scores[r, p] = w . relu(keys[row_image[r], p] + query[r]) + b` with gradients, for training.
+
+    Autograd would keep the `(rows, num_pixels, attention_dim)` intermediate of every decoding step for the
+    backward pass, twice (before and after the ReLU): 48 MB per step for 60 captions in float32, most of a
+    training step's activation memory. Here it is computed in cache-sized blocks
+    (`ShowAttendTellAttention.blocked_scores`), not kept, and recomputed block by block in the backward
+    pass, at about the same speed. Computed in the dtype of `keys` (bf16 under autocast, like the layers
+    around it).
+    """
+
+    @staticmethod
+    def forward(ctx, keys, query, weight, bias, row_image):
+        dtype = keys.dtype
+        with torch.autocast(keys.device.type, enabled=False):
+            scores, _ = ShowAttendTellAttention.blocked_scores(
+                keys, query.to(dtype), weight.to(dtype), bias.to(dtype), row_image=row_image
+            )
+        ctx.save_for_backward(keys, query, weight, row_image)
+        ctx.bias_dtype = bias.dtype
+        return scores
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_scores):
+        keys, query, weight, row_image = ctx.saved_tensors
+        dtype, (_, num_pixels, attention_dim) = keys.dtype, keys.shape
+        rows = query.shape[0]
+        with torch.autocast(keys.device.type, enabled=False):
+            grad_scores = grad_scores.to(dtype)
+            query_c, weight_c = query.to(dtype), weight.to(dtype)
+            grad_keys = torch.zeros_like(keys) if ctx.needs_input_grad[0] else None
+            grad_query = query_c.new_empty(rows, attention_dim)
+            grad_weight = torch.zeros(attention_dim, dtype=torch.float32, device=keys.device)
+            block = _attention_block(rows, num_pixels * attention_dim, keys)
+            buffer = keys.new_empty(block, num_pixels, attention_dim)
+            for start in range(0, rows, block):
+                stop = min(start + block, rows)
+                pre_activation = buffer[: stop - start]
+                torch.index_select(keys, 0, row_image[start:stop], out=pre_activation)
+                pre_activation.add_(query_c[start:stop].unsqueeze(1))
+                positive = pre_activation > 0
+                activation = pre_activation.relu_()
+                grad_block = grad_scores[start:stop]  # (block, num_pixels)
+                grad_weight += (
+                    (grad_block.reshape(1, -1) @ activation.view(-1, attention_dim)).squeeze(0).float()
+                )
+                # d scores / d pre-activation = w where the ReLU is open
+                grad_pre = torch.mul(grad_block.unsqueeze(-1), weight_c, out=pre_activation).mul_(positive)
+                torch.sum(grad_pre, dim=1, out=grad_query[start:stop])
+                if grad_keys is not None:
+                    grad_keys.index_add_(0, row_image[start:stop], grad_pre)
+            grad_bias = grad_scores.float().sum().to(ctx.bias_dtype)
+        return grad_keys, grad_query.to(query.dtype), grad_weight.to(weight.dtype), grad_bias, None
 
 
 def _version_of(tensor: torch.Tensor) -> int:
@@ -503,6 +596,19 @@ class _InferenceWeights:
         self.attention_dim = attention.decoder_projection.out_features
         self.encoder_dim = decoder.gate.out_features
         self.decoder_dim = lstm.hidden_size
+
+
+class DecoderOutput(NamedTuple):
+    """What `ShowAttendTellDecoder.forward` returns (see there for the shapes)."""
+
+    logits: torch.Tensor
+    alphas: torch.Tensor
+    lstm_outputs: torch.Tensor
+    cache: ShowAttendTellCache | None
+    # With `lengths`: the logits of the computed positions (positions, vocab_size) and those positions
+    # as (row index, step index); the loss needs no others.
+    decoded_logits: torch.Tensor | None = None
+    decoded_positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ShowAttendTellDecoder(nn.Module):
@@ -555,12 +661,15 @@ class ShowAttendTellDecoder(nn.Module):
         projected_features: torch.Tensor,
         hidden: torch.Tensor,
         cell: torch.Tensor,
+        rows_per_image: int | None = None,
+        row_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         One word for every row: embedded previous words (rows, embed_dim) -> alpha (rows, num_pixels), hidden,
-        cell. The output layer is not applied here: `forward` applies it once to every step's LSTM output.
+        cell. The rows are all of them, grouped by image, or the rows `row_ids` (see the attention). The output
+        layer is not applied here: `forward` applies it once to every step's LSTM output.
         """
-        context, alpha = self.attention(features, projected_features, hidden)
+        context, alpha = self.attention(features, projected_features, hidden, rows_per_image, row_ids)
         context = torch.sigmoid(self.gate(hidden)) * context
         lstm_input = torch.cat([embedded, context.to(embedded.dtype)], dim=-1)
         hidden, cell = self.lstm(lstm_input, (hidden, cell))
@@ -571,12 +680,18 @@ class ShowAttendTellDecoder(nn.Module):
         input_ids: torch.LongTensor,
         features: torch.Tensor,
         cache: ShowAttendTellCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShowAttendTellCache]:
+        lengths: torch.LongTensor | None = None,
+    ) -> DecoderOutput:
         """
         Teacher-forced decoding of `input_ids` (rows, steps), continuing from `cache` when given.
 
-        Returns logits (rows, steps, vocab_size), alphas (rows, steps, num_pixels), LSTM outputs
-        (rows, steps, decoder_dim) and the state after the last step.
+        `lengths` (rows,), optional: how many steps of each row are needed (a caption's words and `<end>`; the
+        rest is padding). Steps past a row's length are then not computed, and their logits, attention and
+        LSTM outputs are zeros.
+
+        Returns a `DecoderOutput`: logits (rows, steps, vocab_size), alphas (rows, steps, num_pixels), LSTM
+        outputs (rows, steps, decoder_dim), the state after the last step, and with `lengths` the logits of
+        the computed positions only.
         """
         rows, steps = input_ids.shape
         if cache is None:
@@ -587,25 +702,21 @@ class ShowAttendTellDecoder(nn.Module):
                     "images x rows_per_image, grouped by image"
                 )
         if self.fast_inference and not self.training and not torch.is_grad_enabled():
-            return self._inference_forward(input_ids, features, cache)
+            return DecoderOutput(*self._inference_forward(input_ids, features, cache))
         if cache is None:
             hidden, cell = self.initial_state(features, rows // features.shape[0])
             cache = ShowAttendTellCache(features, self.attention.project_features(features), hidden, cell)
-        hidden, cell = cache.hidden, cache.cell
         # The embedding and the output layer do not depend on the recurrence: one product each for all the
         # steps rather than one small product per step.
         embedded = self.embedding(input_ids)
+        if lengths is not None and cache.seq_length == 0 and bool((lengths < steps).any()):
+            return self._forward_by_length(embedded, cache, lengths)
+        hidden, cell = cache.hidden, cache.cell
         all_alphas, all_hidden = [], []
         for t in range(steps):
-            if self.gradient_checkpointing and self.training:
-                # transformers sets _gradient_checkpointing_func when checkpointing is enabled
-                alpha, hidden, cell = self._gradient_checkpointing_func(
-                    self.step, embedded[:, t], cache.features, cache.projected_features, hidden, cell
-                )
-            else:
-                alpha, hidden, cell = self.step(
-                    embedded[:, t], cache.features, cache.projected_features, hidden, cell
-                )
+            alpha, hidden, cell = self._checkpointed_step(
+                embedded[:, t], cache.features, cache.projected_features, hidden, cell
+            )
             all_alphas.append(alpha)
             all_hidden.append(hidden)
         lstm_outputs = torch.stack(all_hidden, dim=1)
@@ -613,7 +724,58 @@ class ShowAttendTellDecoder(nn.Module):
         new_cache = ShowAttendTellCache(
             cache.features, cache.projected_features, hidden, cell, cache.seq_length + steps
         )
-        return logits, torch.stack(all_alphas, dim=1), lstm_outputs, new_cache
+        return DecoderOutput(logits, torch.stack(all_alphas, dim=1), lstm_outputs, new_cache)
+
+    def _checkpointed_step(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.gradient_checkpointing and self.training:
+            # transformers sets _gradient_checkpointing_func when checkpointing is enabled
+            return self._gradient_checkpointing_func(self.step, *args)
+        return self.step(*args)
+
+    def _forward_by_length(
+        self, embedded: torch.Tensor, cache: ShowAttendTellCache, lengths: torch.LongTensor
+    ) -> DecoderOutput:
+        """
+        `forward` for rows of different lengths: the rows are sorted longest first, so that the rows still
+        running at step t are the first `running[t]` ones, and each step computes only those. Finished
+        captions cost nothing (with Flickr30K's caption lengths, about half the steps of a batch padded to
+        its longest caption would be padding).
+        """
+        rows, steps, _ = embedded.shape
+        features, keys = cache.features, cache.projected_features
+        rows_per_image = rows // features.shape[0]
+        order = lengths.argsort(descending=True, stable=True)
+        running = (lengths.unsqueeze(1) > torch.arange(steps, device=lengths.device)).sum(0).tolist()
+        embedded = embedded.index_select(0, order)
+        hidden, cell = cache.hidden.index_select(0, order), cache.cell.index_select(0, order)
+        all_alphas, all_hidden, row_index, step_index = [], [], [], []
+        for t, count in enumerate(running):
+            if count == 0:
+                break
+            row_ids = order[:count]
+            alpha, hidden, cell = self._checkpointed_step(
+                embedded[:count, t], features, keys, hidden[:count], cell[:count], rows_per_image, row_ids
+            )
+            all_alphas.append(alpha)
+            all_hidden.append(hidden)
+            row_index.append(row_ids)
+            step_index.append(torch.full_like(row_ids, t))
+        positions = (torch.cat(row_index), torch.cat(step_index))
+        lstm_outputs = torch.cat(all_hidden)
+        decoded_logits = self.output_layer(self.dropout(lstm_outputs))
+
+        def padded(values: torch.Tensor) -> torch.Tensor:  # (positions, ...) -> (rows, steps, ...)
+            return values.new_zeros(rows, steps, *values.shape[1:]).index_put(positions, values)
+
+        # The final state of rows that ended early is gone: the returned cache cannot be continued.
+        return DecoderOutput(
+            padded(decoded_logits),
+            padded(torch.cat(all_alphas)),
+            padded(lstm_outputs),
+            None,
+            decoded_logits,
+            positions,
+        )
 
     # -- inference ------------------------------------------------------------------------------------
 
@@ -986,14 +1148,24 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         if not torch.is_autocast_enabled(features.device.type):  # under autocast each op picks its dtype
             features = features.to(self.dtype)
 
-        logits, alphas, lstm_outputs, new_state = self.decoder(decoder_input_ids, features, state)
+        targets = lengths = None
+        if labels is not None:
+            targets = labels.masked_fill(labels == self.config.pad_token_id, -100)
+            if state is None and not use_cache:
+                # each row is decoded up to its last target; the padding after it is not computed
+                scored = targets != -100
+                steps = torch.arange(1, scored.shape[1] + 1, device=scored.device)
+                lengths = (scored * steps).amax(dim=1)
+        decoded = self.decoder(decoder_input_ids, features, state, lengths=lengths)
+        logits, alphas, lstm_outputs, new_state = decoded[:4]
 
         loss = None
         if labels is not None:
-            targets = labels.masked_fill(labels == self.config.pad_token_id, -100)
-            cross_entropy = F.cross_entropy(
-                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
-            )
+            if decoded.decoded_positions is not None:
+                scored_logits, scored_targets = decoded.decoded_logits, targets[decoded.decoded_positions]
+            else:
+                scored_logits, scored_targets = logits.flatten(0, 1), targets.flatten()
+            cross_entropy = F.cross_entropy(scored_logits.float(), scored_targets, ignore_index=-100)
             # Doubly-stochastic attention (eq. 14): over the words of a caption, every position should
             # receive about one unit of attention in total. Padded steps do not count.
             valid_steps = (targets != -100).unsqueeze(-1).to(alphas.dtype)

@@ -1,8 +1,15 @@
-"""Shared fixtures: a tiny word map, model and processor, and a helper for meaningful decoding tests."""
+"""Shared fixtures: a tiny word map, model and processor, helpers for meaningful decoding tests, and a runner for
+the check scripts that load a saved folder in a fresh process."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +42,8 @@ except ImportError:
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TESTS = Path(__file__).parent
 
 CAPTIONS = [
     "a small red circle left of a blue square",
@@ -86,3 +95,34 @@ def sample_image() -> Image.Image:
     generator = torch.Generator().manual_seed(1)
     pixels = (torch.rand(48, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels)
+
+
+def run_check_script(
+    script: str, arguments: Sequence[str | Path], workdir: Path, pythonpath: str | Path | None
+) -> dict[str, Any]:
+    """
+    Runs `tests/<script>` in a fresh interpreter the way a Hub user would load a folder: offline, and with
+    `pythonpath` (None: no PYTHONPATH) instead of this process's: it decides which transformers major the child
+    gets. The script takes `arguments`, then the path of the JSON file it writes; returns what it wrote.
+    """
+    result_path = workdir / "result.json"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        # a cache of the folder's code per test: the child must import what this folder holds, not a leftover
+        HF_MODULES_CACHE=str(workdir / "modules"),
+        # the pipeline check fetches its images from a server on 127.0.0.1, which a proxy could not reach
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    completed = subprocess.run(
+        [sys.executable, str(TESTS / script), *(str(argument) for argument in arguments), str(result_path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(result_path.read_text())

@@ -115,6 +115,30 @@ def test_end_to_end_bf16_channels_last_on_the_gpu(model_pair):
     torch.testing.assert_close(maps.sum(-1), torch.ones_like(maps.sum(-1)), atol=1e-3, rtol=0)
 
 
+def test_training_gradients_on_the_gpu_equal_the_cpu(model_pair):
+    """The training forward (captions of different lengths, blocked attention scores) and its backward pass."""
+    cpu_model, gpu_model = model_pair
+    input_ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 9, 8, 0, 0, 0], [1, 4, 4, 6, 0, 0], [1, 7, 0, 0, 0, 0]])
+    labels = torch.cat([input_ids[:, 1:], torch.zeros(4, 1, dtype=torch.long)], dim=1)
+    labels[labels == 0] = -100
+    labels[torch.arange(4), (labels != -100).sum(1)] = cpu_model.config.eos_token_id
+    features = unit_features(2, cpu_model.config, seed=4).last_hidden_state
+
+    def gradients(model, device):
+        model.train().zero_grad()
+        loss = model(
+            encoder_outputs=(features.to(device),), input_ids=input_ids.to(device), labels=labels.to(device)
+        ).loss
+        loss.backward()
+        return loss.detach().cpu(), [p.grad.cpu() for p in model.decoder.parameters()]
+
+    cpu_loss, cpu_grads = gradients(cpu_model, "cpu")
+    gpu_loss, gpu_grads = gradients(gpu_model, "cuda")
+    torch.testing.assert_close(gpu_loss, cpu_loss, atol=1e-5, rtol=1e-5)
+    for gpu_grad, cpu_grad in zip(gpu_grads, cpu_grads, strict=True):
+        torch.testing.assert_close(gpu_grad, cpu_grad, atol=1e-4, rtol=1e-4)
+
+
 def test_bf16_training_run_on_the_gpu(tmp_path: Path):
     """scripts/train.py with Accelerate's bf16 mixed precision on the GPU: the loss falls, the model loads."""
     spec = importlib.util.spec_from_file_location("train_script_on_gpu", ROOT / "scripts" / "train.py")

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import run_check_script
 from transformers import AutoModel
 
 from show_attend_tell.saving import save_model_folder
 
 pytestmark = pytest.mark.compat
 
-TESTS = Path(__file__).parent
-REPO = TESTS.parent
+REPO = Path(__file__).parent.parent
 # `make test` and `make test-compat` build an overlay with transformers 4.57 in .venv-compat
 COMPAT_OVERLAY = REPO / ".venv-compat"
 RUNNING_MAJOR = int(transformers.__version__.split(".")[0])
@@ -75,26 +73,6 @@ def test_saving_replaces_an_existing_folder_atomically(saved_folder, tiny_model,
     assert leftovers == []
 
 
-def run_remote_load(folder: Path, image: Path, tmp_path: Path, overlay: Path | None) -> dict:
-    """Loads `folder` in a fresh interpreter that cannot import this package."""
-    output = tmp_path / f"result-{overlay is not None}.json"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    if overlay is not None:
-        env["PYTHONPATH"] = str(overlay)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / f"modules-{overlay is not None}")
-    completed = subprocess.run(
-        [sys.executable, str(TESTS / "remote_load_check.py"), str(folder), str(image), str(output)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(output.read_text())
-
-
 def _other_major_overlay() -> Path | None:
     """PYTHONPATH value that gives the other transformers major (None: the base .venv, i.e. 5.x)."""
     if RUNNING_MAJOR >= 5:
@@ -116,7 +94,7 @@ def test_fresh_process_without_the_package_loads_and_captions(
         overlay = Path(paths[0]).resolve() if paths else None
     else:
         overlay = _other_major_overlay()
-    result = run_remote_load(saved_folder, image_path, tmp_path, overlay)
+    result = run_check_script("remote_load_check.py", [saved_folder, image_path], tmp_path, overlay)
 
     assert result["package_importable"] is False
     assert result["model_module"].startswith("transformers_modules")  # the folder's own code

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import run_check_script
 from PIL import Image
 from transformers import pipeline
 
@@ -20,8 +19,7 @@ from show_attend_tell.saving import save_model_folder
 
 pytestmark = pytest.mark.compat
 
-TESTS = Path(__file__).parent
-COMPAT_OVERLAY = TESTS.parent / ".venv-compat"
+COMPAT_OVERLAY = Path(__file__).parent.parent / ".venv-compat"
 RUNNING_MAJOR = int(transformers.__version__.split(".")[0])
 
 
@@ -134,21 +132,7 @@ def _overlay_for(loader: str) -> str | None:
 @pytest.mark.parametrize("loader", ["same major", "other major"])
 def test_fresh_process_pipeline_on_both_majors(loader, folder, tiny_model, processor, images, tmp_path):
     overlay = _overlay_for(loader)
-    output = tmp_path / "result.json"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    if overlay is not None:
-        env["PYTHONPATH"] = str(overlay)
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), NO_PROXY="127.0.0.1,localhost")
-    completed = subprocess.run(
-        [sys.executable, str(TESTS / "pipeline_remote_check.py"), str(folder), str(images), str(output)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(output.read_text())
+    result = run_check_script("pipeline_remote_check.py", [folder, images], tmp_path, overlay)
 
     expected_major = RUNNING_MAJOR if loader == "same major" else (4 if RUNNING_MAJOR >= 5 else 5)
     assert int(result["transformers"].split(".")[0]) == expected_major
