@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"features {check['loss_reference']:.5f}, per-image {check['loss_ours']:.5f}, cached "
             f"{check['loss_cached']:.5f}; cached features identical to encoding ({args.dtypes[0]}): "
             f"{check['cached_features_identical']} (max difference {check['cached_vs_encoding_max_relative']:.1e} "
-            "of the largest feature); grid stored in float16 ({args.dtypes[0]} encoder) vs float32: "
+            f"of the largest feature); grid stored in float16 ({args.dtypes[0]} encoder) vs float32: "
             f"max {check['grid_vs_float32_max_relative']:.1e} of the largest feature ({check['feature_max_abs']:.1f})",
             flush=True,
         )

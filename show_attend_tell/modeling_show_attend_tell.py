@@ -507,53 +507,56 @@ class _AttentionScores(torch.autograd.Function):
     backward pass, twice (before and after the ReLU): 48 MB per step for 60 captions in float32, most of a
     training step's activation memory. Here it is computed in cache-sized blocks
     (`ShowAttendTellAttention.blocked_scores`), not kept, and recomputed block by block in the backward
-    pass, at about the same speed. Computed in the dtype of `keys` (bf16 under autocast, like the layers
-    around it).
+    pass, at about the same speed. Computed in float32 also under bf16 autocast (a CPU is slower at bf16
+    element-wise work, and the scores feed a softmax); the gradients come back in the inputs' dtypes.
     """
 
     @staticmethod
     def forward(ctx, keys, query, weight, bias, row_image):
-        dtype = keys.dtype
+        dtype = torch.promote_types(keys.dtype, torch.float32)
         with torch.autocast(keys.device.type, enabled=False):
             scores, _ = ShowAttendTellAttention.blocked_scores(
-                keys, query.to(dtype), weight.to(dtype), bias.to(dtype), row_image=row_image
+                keys.to(dtype), query.to(dtype), weight.to(dtype), bias.to(dtype), row_image=row_image
             )
-        ctx.save_for_backward(keys, query, weight, row_image)
-        ctx.bias_dtype = bias.dtype
+        ctx.save_for_backward(keys, query, weight, bias, row_image)
         return scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_scores):
-        keys, query, weight, row_image = ctx.saved_tensors
-        dtype, (_, num_pixels, attention_dim) = keys.dtype, keys.shape
+        keys, query, weight, bias, row_image = ctx.saved_tensors
+        dtype = torch.promote_types(keys.dtype, torch.float32)
+        num_pixels, attention_dim = keys.shape[1:]
         rows = query.shape[0]
         with torch.autocast(keys.device.type, enabled=False):
+            keys_c, query_c, weight_c = keys.to(dtype), query.to(dtype), weight.to(dtype)
             grad_scores = grad_scores.to(dtype)
-            query_c, weight_c = query.to(dtype), weight.to(dtype)
-            grad_keys = torch.zeros_like(keys) if ctx.needs_input_grad[0] else None
+            grad_keys = torch.zeros_like(keys_c) if ctx.needs_input_grad[0] else None
             grad_query = query_c.new_empty(rows, attention_dim)
-            grad_weight = torch.zeros(attention_dim, dtype=torch.float32, device=keys.device)
-            block = _attention_block(rows, num_pixels * attention_dim, keys)
-            buffer = keys.new_empty(block, num_pixels, attention_dim)
+            grad_weight = weight_c.new_zeros(attention_dim)
+            block = _attention_block(rows, num_pixels * attention_dim, keys_c)
+            buffer = keys_c.new_empty(block, num_pixels, attention_dim)
             for start in range(0, rows, block):
                 stop = min(start + block, rows)
                 pre_activation = buffer[: stop - start]
-                torch.index_select(keys, 0, row_image[start:stop], out=pre_activation)
+                torch.index_select(keys_c, 0, row_image[start:stop], out=pre_activation)
                 pre_activation.add_(query_c[start:stop].unsqueeze(1))
-                positive = pre_activation > 0
                 activation = pre_activation.relu_()
                 grad_block = grad_scores[start:stop]  # (block, num_pixels)
-                grad_weight += (
-                    (grad_block.reshape(1, -1) @ activation.view(-1, attention_dim)).squeeze(0).float()
-                )
-                # d scores / d pre-activation = w where the ReLU is open
-                grad_pre = torch.mul(grad_block.unsqueeze(-1), weight_c, out=pre_activation).mul_(positive)
+                grad_weight += (grad_block.reshape(1, -1) @ activation.view(-1, attention_dim)).squeeze(0)
+                # d score / d pre-activation: w where the ReLU is open (sign of its output: 1), else 0
+                grad_pre = activation.sign_().mul_(grad_block.unsqueeze(-1)).mul_(weight_c)
                 torch.sum(grad_pre, dim=1, out=grad_query[start:stop])
                 if grad_keys is not None:
                     grad_keys.index_add_(0, row_image[start:stop], grad_pre)
-            grad_bias = grad_scores.float().sum().to(ctx.bias_dtype)
-        return grad_keys, grad_query.to(query.dtype), grad_weight.to(weight.dtype), grad_bias, None
+            grad_bias = grad_scores.sum()
+        return (
+            None if grad_keys is None else grad_keys.to(keys.dtype),
+            grad_query.to(query.dtype),
+            grad_weight.to(weight.dtype),
+            grad_bias.to(bias.dtype),
+            None,
+        )
 
 
 def _version_of(tensor: torch.Tensor) -> int:

@@ -1,0 +1,36 @@
+"""Smoke test of benchmarks/bench_generate.py: its --quick mode runs the full-size model on a few images,
+prints every figure with its ratio and writes JSON; its exactness checks must hold. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "bench_generate.py"
+
+
+@pytest.mark.slow
+def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path):
+    json_out = tmp_path / "bench_generate.json"
+    command = [sys.executable, str(SCRIPT), "--quick", "--skip-peer", "--skip-memory", "--threads", "1"]
+    command += ["--device", "cpu", "--json-out", str(json_out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for figure in ("decoder-only, generate()", "end-to-end / encoder-only", "decoder batching"):
+        assert figure in completed.stdout
+    result = json.loads(json_out.read_text())
+    exactness = result["exactness"]
+    # the classic per-image beam search and generate() return the same captions in float32, and so do the
+    # fast inference path and the plain step
+    assert exactness["reference_vs_generate_fp32"] == 1.0
+    assert exactness["fast_vs_plain_fp32"] == 1.0
+    # images whose search has ended are not decoded: never more rows than batch x beams
+    assert 0 < exactness["decoded_row_steps_share"] <= 1.0
+    assert result["settings"]["batch_size"] == 8 and result["settings"]["device"] == "cpu"
