@@ -745,8 +745,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"generate() ran {batch_steps} steps for the batch; each image's search needed "
-        f"{statistics.mean(search_steps):.1f} on average: {idle_share:.0%} of the batch's row-steps belong to "
-        f"images whose search had ended, which the model skips: it decoded {decoded_share:.0%} of them",
+        f"{statistics.mean(search_steps):.1f} on average (the classic search's count), so {idle_share:.0%} of "
+        "the batch's row-steps come after an image's search has ended; the model skips those images and "
+        f"decoded {decoded_share:.0%} of the batch's row-steps",
         flush=True,
     )
     print(
