@@ -62,6 +62,11 @@ IMAGE_TO_TEXT_AUTO_CLASSES = [
     name for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq") if hasattr(transformers, name)
 ]
 
+# On a GPU a small decoding step costs its kernel launches, not its arithmetic: leaving out finished images
+# (a host synchronisation and a few copies per step) pays from about this many rows (batch x beams) on.
+# Measured on an H200, beam 5: 9% slower at 1,280 rows, 22% faster at 5,120.
+GPU_ROWS_WORTH_SKIPPING = 4096
+
 # Per thread and model: which images of the running beam search are still searching (see
 # `ShowAttendTellForConditionalGeneration._check_early_stop_heuristic`).
 _beam_search_progress = threading.local()
@@ -193,6 +198,8 @@ class ShowAttendTellCache:
         the images in it have finished since (copying them at every step would cost more than it saves).
         """
         if self.searching is None:
+            return None
+        if self.searching.device.type != "cpu" and self.hidden.shape[0] < GPU_ROWS_WORTH_SKIPPING:
             return None
         searching = int(self.searching.sum())
         if searching in (0, self.searching.numel()):

@@ -18,6 +18,7 @@ import torch
 from conftest import sharpen_decoder, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
+import show_attend_tell.modeling_show_attend_tell as modeling
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 
 pytestmark = [
@@ -91,6 +92,32 @@ def test_bf16_generate_on_the_gpu_keeps_most_captions(model_pair):
     assert state.hidden.dtype == torch.float32, "the LSTM state must stay float32 under autocast"
     same = [torch.equal(a, b) for a, b in zip(bf16.sequences, reference.sequences, strict=True)]
     assert sum(same) >= 0.8 * len(same), f"{sum(same)} of {len(same)} captions identical"
+
+
+@pytest.mark.parametrize("rows_worth_skipping", [0, 10**6], ids=["skipping", "not-skipping"])
+def test_finished_images_on_the_gpu(model_pair, monkeypatch, rows_worth_skipping):
+    """Images whose search has ended are left out on a GPU from GPU_ROWS_WORTH_SKIPPING rows on: same ids."""
+    _, gpu_model = model_pair
+    with torch.no_grad():
+        gpu_model.decoder.output_layer.bias[gpu_model.config.eos_token_id] += 2.0  # captions of 1 to 12 words
+    features = on_gpu(unit_features(12, gpu_model.config, seed=3))
+    kwargs = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True}
+    monkeypatch.setattr(modeling, "GPU_ROWS_WORTH_SKIPPING", rows_worth_skipping)
+    rows, step = [], gpu_model.decoder._inference_step
+
+    def counting_step(input_ids, *args):
+        rows.append(input_ids.shape[0])
+        return step(input_ids, *args)
+
+    monkeypatch.setattr(gpu_model.decoder, "_inference_step", counting_step)
+    fast = generate(gpu_model, features, **kwargs)
+    plain = generate(gpu_model, features, fast=False, **kwargs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    torch.testing.assert_close(fast.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
+    if rows_worth_skipping == 0:
+        assert min(rows[1:]) < 12 * 4
+    else:
+        assert rows[1:] == [12 * 4] * (len(rows) - 1)
 
 
 def test_end_to_end_bf16_channels_last_on_the_gpu(model_pair):
