@@ -746,8 +746,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"generate() ran {batch_steps} steps for the batch; each image's search needed "
         f"{statistics.mean(search_steps):.1f} on average (the classic search's count), so {idle_share:.0%} of "
-        "the batch's row-steps come after an image's search has ended; the model skips those images and "
-        f"decoded {decoded_share:.0%} of the batch's row-steps",
+        "the batch's row-steps come after an image's search has ended; the model decoded "
+        f"{decoded_share:.0%} of the batch's row-steps (it leaves out finished images on a CPU, and on a GPU "
+        "from GPU_ROWS_WORTH_SKIPPING rows on)",
         flush=True,
     )
     print(
