@@ -20,6 +20,9 @@ their attention projection are stored once per image and never copied per row.
 Inference without gradients (`generate()`, evaluation) takes a faster route through the same function:
 see `ShowAttendTellDecoder` (a decoding step with its weights prepared once, float32 state under bf16
 autocast) and `ShowAttendTellEncoder._cpu_inference_chunk` (the ResNet a few images at a time on a CPU).
+Work that cannot change a result is left out: in beam search, the images whose search has ended
+(`ShowAttendTellCache.images_to_decode`); in training, the padding after each caption
+(`ShowAttendTellDecoder._forward_by_length`).
 Fast captioning: `model.to(memory_format=torch.channels_last)`, channels_last `pixel_values`, and
 `generate()` under `torch.inference_mode()` and `torch.autocast(device_type, dtype=torch.bfloat16)`.
 """
