@@ -722,7 +722,12 @@ class ShowAttendTellDecoder(nn.Module):
         # The embedding and the output layer do not depend on the recurrence: one product each for all the
         # steps rather than one small product per step.
         embedded = self.embedding(input_ids)
-        if lengths is not None and cache.seq_length == 0 and bool((lengths < steps).any()):
+        if (
+            lengths is not None
+            and cache.seq_length == 0
+            and int(lengths.max()) > 0
+            and bool((lengths < steps).any())
+        ):
             return self._forward_by_length(embedded, cache, lengths)
         hidden, cell = cache.hidden, cache.cell
         all_alphas, all_hidden = [], []

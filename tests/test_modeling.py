@@ -290,6 +290,16 @@ def test_padding_is_not_decoded_and_training_gradients_are_unchanged(tiny_model,
         torch.testing.assert_close(a, b)
 
 
+def test_a_batch_without_targets_gives_a_nan_loss_not_an_error(tiny_model, tokenizer):
+    input_ids, labels = _batch(tokenizer)
+    out = tiny_model(
+        encoder_outputs=unit_features(2, tiny_model.config),
+        input_ids=input_ids,
+        labels=torch.full_like(labels, -100),
+    )
+    assert out.loss.isnan() and out.logits.shape[:2] == input_ids.shape
+
+
 def test_resize_token_embeddings(tiny_model):
     old = tiny_model.config.vocab_size
     tiny_model.resize_token_embeddings(old + 5)
