@@ -502,6 +502,30 @@ class ShowAttendTellAttention(nn.Module):
         return scores.add_(bias), scratch
 
 
+def attention_scores(
+    keys: torch.Tensor, query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """
+    The attention scores as one expression: keys (images, num_pixels, attention_dim), query (images,
+    rows_per_image, attention_dim), weight (attention_dim,), bias () -> (images, rows_per_image, num_pixels).
+    What `fused_attention_scores` compiles.
+    """
+    return (torch.relu(keys.unsqueeze(1) + query.unsqueeze(2)) * weight).sum(-1) + bias
+
+
+_compiled_attention_scores = None
+
+
+def fused_attention_scores(
+    keys: torch.Tensor, query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """`attention_scores` compiled into one kernel (compiled on first use, for any shape)."""
+    global _compiled_attention_scores
+    if _compiled_attention_scores is None:
+        _compiled_attention_scores = torch.compile(attention_scores, dynamic=True)
+    return _compiled_attention_scores(keys, query, weight, bias)
+
+
 def _attention_block(units: int, elements_per_unit: int, like: torch.Tensor) -> int:
     """How many images or rows the attention takes at a time: all on a GPU, a cache-sized block on a CPU."""
     if like.device.type != "cpu":
@@ -644,6 +668,12 @@ class ShowAttendTellDecoder(nn.Module):
     the LSTM state, the attention weights and the attention scores stay in float32 under bf16 autocast.
     The compute dtype is the autocast dtype when autocast is on (e.g. `torch.autocast("cpu",
     dtype=torch.bfloat16)`), else the dtype of the weights. In float32 both give the same ids.
+
+    `fuse_attention_scores = True` (off by default) computes the attention scores of the inference step with
+    `torch.compile` instead: add, ReLU and score product become one kernel that never writes the
+    `(rows, num_pixels, attention_dim)` intermediate. The first `generate()` then compiles it (about 10 s
+    on a CPU, which needs a C++ compiler; Triton on a GPU), and later steps' attention is several times
+    faster: worth it when captioning many images.
     """
 
     def __init__(self, config: ShowAttendTellConfig) -> None:
@@ -658,6 +688,7 @@ class ShowAttendTellDecoder(nn.Module):
         self.output_layer = nn.Linear(config.decoder_dim, config.vocab_size)
         self.gradient_checkpointing = False
         self.fast_inference = True
+        self.fuse_attention_scores = False
         self._inference_weights_memo: tuple | None = None
 
     def initial_state(self, features: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -955,9 +986,12 @@ class ShowAttendTellDecoder(nn.Module):
         # attention query, gate and recurrent term of the LSTM: one product
         from_hidden = F.linear(hidden.to(weights.dtype), weights.hidden_weight, weights.hidden_bias)
         query = from_hidden[:, :attention_dim].float().view(images, rows // images, attention_dim)
-        scores, scratch = ShowAttendTellAttention.blocked_scores(
-            keys, query, weights.score_weight, weights.score_bias, scratch
-        )
+        if self.fuse_attention_scores:
+            scores = fused_attention_scores(keys, query, weights.score_weight, weights.score_bias)
+        else:
+            scores, scratch = ShowAttendTellAttention.blocked_scores(
+                keys, query, weights.score_weight, weights.score_bias, scratch
+            )
         alpha = scores.softmax(dim=-1)  # (images, rows_per_image, num_pixels)
         # (images, rows_per_image, encoder_dim): one batched product per image serves all of its rows
         context = torch.bmm(alpha.to(weights.dtype), compute_features)

@@ -11,6 +11,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+from show_attend_tell.modeling_show_attend_tell import ShowAttendTellAttention
 
 pytestmark = pytest.mark.compat
 
@@ -197,6 +198,28 @@ def test_the_batch_gives_each_image_its_own_caption_when_finished_images_are_ski
         assert torch.equal(batched[image, :width], alone[0])
         filler = torch.tensor([ending_model.config.pad_token_id, ending_model.config.eos_token_id])
         assert torch.isin(batched[image, width:], filler).all()  # after <end>: padding
+
+
+@pytest.mark.slow
+def test_fused_attention_scores_give_the_same_ids(ending_model, monkeypatch):
+    """`fuse_attention_scores` (torch.compile of the scores: one kernel) changes the speed, not the captions."""
+    features = unit_features(12, ending_model.config, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    keys, query = torch.randn(3, 16, 8, generator=generator), torch.randn(3, 2, 8, generator=generator)
+    weight, bias = torch.randn(8, generator=generator), torch.tensor(0.5)
+    expected, _ = ShowAttendTellAttention.blocked_scores(keys, query, weight, bias)
+    torch.testing.assert_close(modeling.fused_attention_scores(keys, query, weight, bias), expected)
+    kwargs = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True}
+    plain = generate(ending_model, features, fast=False, **kwargs)
+    ending_model.decoder.fuse_attention_scores = True
+    rows = count_decoded_rows(ending_model, monkeypatch)
+    fused = generate(ending_model, features, **kwargs)
+    assert torch.equal(fused.sequences, plain.sequences)
+    torch.testing.assert_close(fused.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
+    assert min(rows[1:]) < 12 * 4  # also on the steps that leave finished images out
+    fused_bf16 = generate(ending_model, features, autocast=True, **kwargs)
+    same = [torch.equal(a, b) for a, b in zip(fused_bf16.sequences, plain.sequences, strict=True)]
+    assert sum(same) >= 0.75 * len(same)
 
 
 def test_weights_prepared_for_inference_follow_parameter_changes(tiny_model):

@@ -120,6 +120,18 @@ def test_finished_images_on_the_gpu(model_pair, monkeypatch, rows_worth_skipping
         assert rows[1:] == [12 * 4] * (len(rows) - 1)
 
 
+def test_fused_attention_scores_on_the_gpu(model_pair):
+    """The attention scores compiled into one kernel (Triton on a GPU) give the plain step's ids."""
+    cpu_model, gpu_model = model_pair
+    features = unit_features(16, cpu_model.config, seed=6)
+    kwargs = {"num_beams": 5, "max_new_tokens": 10, "length_penalty": 0.0}
+    plain = generate(gpu_model, on_gpu(features), fast=False, **kwargs)
+    gpu_model.decoder.fuse_attention_scores = True
+    fused = generate(gpu_model, on_gpu(features), **kwargs)
+    assert torch.equal(fused, plain)
+    assert generate(gpu_model, on_gpu(features), bf16=True, **kwargs).shape[0] == 16
+
+
 def test_end_to_end_bf16_channels_last_on_the_gpu(model_pair):
     cpu_model, gpu_model = model_pair
     pixel_values = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
