@@ -62,6 +62,7 @@ from transformers.modeling_outputs import BaseModelOutput
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_common import calibrate_batchnorm, precision, synchronize
 from reference_beam_search import classic_beam_search
 
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
@@ -98,21 +99,6 @@ def make_images(count: int, seed: int = SEED, size: int = IMAGE_SIZE) -> torch.T
     middle = F.interpolate(torch.randn(count, 3, 16, 16, generator=generator), size=size, mode="bilinear")
     fine = torch.randn(count, 3, size, size, generator=generator)
     return (coarse + 0.5 * middle + 0.25 * fine).clamp(-2.5, 2.5)
-
-
-@torch.no_grad()
-def calibrate_batchnorm(resnet: torch.nn.Module, images: torch.Tensor, chunk: int = 8) -> None:
-    """Sets every batch-norm's running statistics to those of `images`, so activations stay of unit scale."""
-    norms = [m for m in resnet.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the calibration batches
-    resnet.train()
-    for start in range(0, images.shape[0], chunk):
-        resnet(images[start : start + chunk])
-    for norm in norms:
-        norm.momentum = 0.1
-    resnet.eval()
 
 
 @torch.no_grad()
@@ -226,18 +212,6 @@ def generated_tokens(sequence: torch.Tensor, eos: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # Measurement helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def precision(dtype: str, device: torch.device):
-    """bf16 autocast (weights stay float32) or plain float32."""
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:

@@ -67,7 +67,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_common import calibrate_batchnorm, precision, synchronize
 
 from show_attend_tell import ShowAttendTellForConditionalGeneration
 from show_attend_tell.training import (
@@ -95,20 +98,6 @@ def make_images(count: int, size: int, generator: torch.Generator) -> torch.Tens
     coarse = F.interpolate(torch.randn(count, 3, 8, 8, generator=generator), size=size, mode="bilinear")
     fine = torch.randn(count, 3, size, size, generator=generator)
     return (coarse + 0.3 * fine).clamp(-2.5, 2.5)
-
-
-@torch.no_grad()
-def calibrate_batchnorm(resnet: torch.nn.Module, images: torch.Tensor) -> None:
-    """Running statistics of every batch-norm set to those of `images` (unit-scale features, no float16 overflow)."""
-    norms = [module for module in resnet.modules() if isinstance(module, torch.nn.BatchNorm2d)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average: one batch sets the statistics
-    resnet.train()
-    resnet(images)
-    for norm in norms:
-        norm.momentum = 0.1
-    resnet.eval()
 
 
 def build_model(args, device: torch.device) -> tuple[ShowAttendTellForConditionalGeneration, int]:
@@ -178,18 +167,6 @@ class Batches:
 # --------------------------------------------------------------------------------------------------
 # Training steps
 # --------------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def precision(dtype: str, device: torch.device):
-    """bf16 autocast (weights stay float32, as `--mixed-precision bf16`) or plain float32."""
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class Trainer:
