@@ -69,6 +69,8 @@ from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalG
 
 IMAGE_SIZE = 256
 SEED = 0
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "outputs" / "demo" / "run" / "model"  # what `make demo` trains
 
 # Decoder weight scales (standard deviation times sqrt(fan-in)); chosen once so that decoding behaves like a
 # trained captioner's (see the module docstring); the run prints the resulting statistics.
@@ -480,6 +482,69 @@ def peer_generate(peer, pixel_values: torch.Tensor, dtype: str, args, device: to
 # --------------------------------------------------------------------------------------------------
 
 
+def captions_with_rounded_decoder_weights(
+    model, features: torch.Tensor, generate_kwargs: dict
+) -> list[list[int]]:
+    """float32 decoding by a copy of the model whose decoder weights are rounded to bf16: what any bf16
+    computation starts from, so its agreement with float32 bounds that of every bf16 implementation."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in rounded.decoder.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    with torch.inference_mode():
+        ids = rounded.generate(encoder_outputs=BaseModelOutput(last_hidden_state=features), **generate_kwargs)
+    return rows_to_captions(ids, model.config.eos_token_id)
+
+
+def trained_model_agreement(path: Path, args, device: torch.device) -> dict:
+    """
+    bf16 against float32 on a trained model: the model `make demo` trains (or `--trained-model`), this
+    repository's code, on the synthetic test pictures it never saw in training (`--trained-images`, at
+    `--trained-image-size`). Same generate() settings as the rest of the benchmark.
+    """
+    from show_attend_tell import ShowAttendTellProcessor
+    from show_attend_tell.data import make_synthetic_dataset
+
+    model = ShowAttendTellForConditionalGeneration.from_pretrained(path).eval().to(device)
+    processor = ShowAttendTellProcessor.from_pretrained(path)
+    test = make_synthetic_dataset(
+        0, 0, args.trained_images, image_size=args.trained_image_size, seed=0, use_cache=False
+    )["test"]
+    pixel_values = processor(images=list(test["image"]), return_tensors="pt")["pixel_values"].to(device)
+    generate_kwargs = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "length_penalty": 0.0,
+    }
+    eos = model.config.eos_token_id
+    fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    captions = {}
+    with torch.inference_mode():
+        features = model.encoder(pixel_values).last_hidden_state
+        for dtype in ("fp32", "bf16"):
+            with precision(dtype, device):
+                ids = fast_model.generate(
+                    pixel_values=pixel_values.contiguous(memory_format=torch.channels_last), **generate_kwargs
+                )
+                captions[f"{dtype}_e2e"] = rows_to_captions(ids, eos)
+                ids = model.generate(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=features), **generate_kwargs
+                )
+                captions[f"{dtype}_decoder"] = rows_to_captions(ids, eos)
+    return {
+        "model": str(path),
+        "config": {key: getattr(model.config, key) for key in ("vocab_size", "encoder_dim", "decoder_dim")},
+        "images": len(test),
+        "image_size": args.trained_image_size,
+        "bf16_vs_fp32_end_to_end": share_identical(captions["bf16_e2e"], captions["fp32_e2e"]),
+        "bf16_vs_fp32_decoder": share_identical(captions["bf16_decoder"], captions["fp32_decoder"]),
+        "fp32_decoder_with_bf16_rounded_weights": share_identical(
+            captions_with_rounded_decoder_weights(model, features, generate_kwargs), captions["fp32_decoder"]
+        ),
+        "mean_length": statistics.mean(len(c) for c in captions["fp32_e2e"]),
+    }
+
+
 def cpu_name() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
@@ -527,6 +592,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="ours without `model.decoder.fuse_attention_scores` (the attention scores compiled into one kernel)",
     )
+    parser.add_argument(
+        "--trained-model",
+        type=Path,
+        default=None,
+        help="a trained model folder for the bf16 agreement on trained weights (default: the one `make demo` "
+        "writes, outputs/demo/run/model, when it exists)",
+    )
+    parser.add_argument("--trained-images", type=int, default=250, help="synthetic test pictures for it")
+    parser.add_argument("--trained-image-size", type=int, default=64, help="their size (the demo's: 64)")
     parser.add_argument("--quick", action="store_true", help="smoke mode: small batch, one repetition")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -537,7 +611,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch_size = 256 if args.device == "cuda" else 32
     if args.small_batch_size is None:
         args.small_batch_size = 16 if args.device == "cpu" else 0
+    if args.trained_model is None and DEMO_MODEL.is_dir():
+        args.trained_model = DEMO_MODEL
     if args.quick:
+        args.trained_images = min(args.trained_images, 16)
         args.batch_size = min(args.batch_size, 8)
         args.repeats, args.reference_images, args.single_images = 1, 2, 2
         args.rss_batch_size = min(args.rss_batch_size, 8)
@@ -711,6 +788,10 @@ def main(argv: list[str] | None = None) -> dict:
     rounded_agreement = share_identical(
         rows_to_captions(captioner.ours_decoder(rounded_features, "fp32"), eos), fp32_decoder_captions
     )
+    rounded_weights_agreement = share_identical(
+        captions_with_rounded_decoder_weights(model, features, captioner.generate_kwargs),
+        fp32_decoder_captions,
+    )
     # For the captions that differ: how much less likely the bf16 caption is under the float32 model.
     decoder_gaps = likelihood_gaps(model, features, fp32_decoder_captions, bf16_decoder_captions)
     e2e_gaps = likelihood_gaps(model, features, fp32_captions, bf16_e2e_captions)
@@ -722,6 +803,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16_vs_fp32_decoder": bf16_decoder_agreement,
         "plain_step_bf16_autocast_vs_fp32_decoder": plain_bf16_agreement,
         "fp32_decoder_on_bf16_rounded_features": rounded_agreement,
+        "fp32_decoder_with_bf16_rounded_weights": rounded_weights_agreement,
         "fp32_decoder_on_bf16_encoder_features": bf16_encoder_agreement,
         "decoder_gaps_nats": decoder_gaps,
         "search_steps_per_image": search_steps,
@@ -741,11 +823,28 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"bf16 vs float32: decoder {bf16_decoder_agreement:.0%} identical "
         f"(bf16 autocast of the plain step: {plain_bf16_agreement:.0%}; a float32 decoder on features rounded "
-        f"to bf16: {rounded_agreement:.0%}); differing captions are {fmt_gaps(decoder_gaps)} less likely "
+        f"to bf16: {rounded_agreement:.0%}; a float32 decoder with its weights rounded to bf16: "
+        f"{rounded_weights_agreement:.0%}); differing captions are {fmt_gaps(decoder_gaps)} less likely "
         f"under float32; end to end {bf16_e2e_agreement:.0%} identical (a float32 decoder on the bf16 "
         f"encoder's features: {bf16_encoder_agreement:.0%}), gaps {fmt_gaps(e2e_gaps)}",
         flush=True,
     )
+
+    trained = None
+    if args.trained_model is not None:
+        trained = trained_model_agreement(args.trained_model, args, device)
+        print(
+            f"trained model {trained['model']} (vocabulary {trained['config']['vocab_size']}), "
+            f"{trained['images']} synthetic test pictures: bf16 ids identical to float32 "
+            f"{trained['bf16_vs_fp32_end_to_end']:.1%} end to end, {trained['bf16_vs_fp32_decoder']:.1%} decoder "
+            f"only (a float32 decoder with its weights rounded to bf16: "
+            f"{trained['fp32_decoder_with_bf16_rounded_weights']:.1%})",
+            flush=True,
+        )
+    else:
+        print(
+            "no trained model for the bf16 agreement on trained weights: run `make demo` or give --trained-model"
+        )
 
     # ---- memory -------------------------------------------------------------------------------
     memory = (
@@ -814,6 +913,11 @@ def main(argv: list[str] | None = None) -> dict:
     report.add("bf16 ids identical to float32, decoder", 100 * bf16_decoder_agreement, "% images",
                f"{batch} images, same float32 features", None, ">= 95%",
                bf16_decoder_agreement >= 0.95)  # fmt: skip
+    if trained is not None:
+        for where, key in (("end-to-end", "bf16_vs_fp32_end_to_end"), ("decoder", "bf16_vs_fp32_decoder")):
+            report.add(f"bf16 ids = float32, trained model, {where}", 100 * trained[key], "% images",
+                       f"{trained['images']} synthetic test pictures, demo model", None, ">= 95%",
+                       trained[key] >= 0.95)  # fmt: skip
     report.add("reference = generate() (float32)", 100 * reference_agreement, "% images",
                f"{batch} images, decoder only; end to end, {args.reference_images} images: "
                f"{100 * reference_e2e_agreement:.0f}%", None, "100%",
@@ -839,6 +943,7 @@ def main(argv: list[str] | None = None) -> dict:
         "measurements": {key: values for key, values in results.items()},
         "ratios": {key: values for key, values in ratios.items()},
         "exactness": exactness,
+        "trained_model": trained,
         "memory": memory,
         "peer": peer_results,
         "load_average": {"start": load_start, "end": os.getloadavg()},

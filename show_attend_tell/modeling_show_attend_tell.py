@@ -69,6 +69,11 @@ IMAGE_TO_TEXT_AUTO_CLASSES = [
 # (a host synchronisation and a few copies per step) pays from about this many rows (batch x beams) on.
 # Measured on an H200, beam 5: 9% slower at 1,280 rows, 22% faster at 5,120.
 GPU_ROWS_WORTH_SKIPPING = 4096
+# The attention of the images still searching reads the features of a subset of the batch that holds them;
+# the subset is copied afresh only once at most this share of it is still searching. A copy costs about
+# two steps' reading of the copied features; fewer copies pay (measured on the CPU: each copy at 75%
+# cost more than its savings when few steps were left).
+ATTENDED_SHARE_TO_COMPACT = 0.5
 
 # Per thread and model: which images of the running beam search are still searching (see
 # `ShowAttendTellForConditionalGeneration._check_early_stop_heuristic`).
@@ -143,6 +148,15 @@ else:
         past_key_values: ShowAttendTellCache | None = None
 
 
+class ImagesToDecode(NamedTuple):
+    """What the next beam-search step decodes (see `ShowAttendTellCache.images_to_decode`)."""
+
+    searching: torch.Tensor  # (searching_images,) indices into the batch of the images still searching
+    attended: torch.Tensor | None  # (attended_images,) the images of `keys` and `compute_features`; None: all
+    keys: torch.Tensor  # (attended_images, num_pixels, attention_dim)
+    compute_features: torch.Tensor  # (attended_images, num_pixels, encoder_dim)
+
+
 class ShowAttendTellCache:
     """
     Decoding state of the LSTM decoder, carried between `generate()` steps.
@@ -181,39 +195,45 @@ class ShowAttendTellCache:
         self.compute_features = compute_features
         self.scratch: torch.Tensor | None = None  # reused by the attention from step to step
         # Beam search only: which images are still searching (bool, (images,)), set by the model before each
-        # step, and the images the inference step decodes, with their keys and features (see
-        # `images_to_decode`).
+        # step, and what the inference step decodes (see `images_to_decode`).
         self.searching: torch.Tensor | None = None
-        self.decoded_images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.decoded_images: ImagesToDecode | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
 
-    def images_to_decode(
-        self, keys: torch.Tensor, compute_features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def images_to_decode(self, keys: torch.Tensor, compute_features: torch.Tensor) -> ImagesToDecode | None:
         """
-        The images the next beam-search step has to decode: `(image_index, keys, compute_features)` for a
-        subset of the images that holds every image still searching, or None to decode them all.
+        What the next beam-search step has to decode, or None to decode every row.
 
         An image whose search has ended keeps its finished captions whatever its beams do next, so its rows
-        need not be computed. The subset's keys and features are copies, made again only when a quarter of
-        the images in it have finished since (copying them at every step would cost more than it saves).
+        need not be computed: the step decodes the rows of the images still searching. Their attention reads
+        the keys and features of a subset of the batch that holds them: the whole batch at first, then a
+        copy of the searching images' made whenever at most `ATTENDED_SHARE_TO_COMPACT` of the subset is
+        still searching (copying at every step would cost more than it saves).
         """
         if self.searching is None:
             return None
         if self.searching.device.type != "cpu" and self.hidden.shape[0] < GPU_ROWS_WORTH_SKIPPING:
             return None
-        searching = int(self.searching.sum())
-        if searching in (0, self.searching.numel()):
+        searching_count = int(self.searching.sum())
+        if searching_count in (0, self.searching.numel()):
             return None
-        if self.decoded_images is None or searching <= 0.75 * self.decoded_images[0].numel():
-            image_index = self.searching.nonzero().squeeze(1)
-            self.decoded_images = (
-                image_index,
-                keys.index_select(0, image_index),
-                compute_features.index_select(0, image_index),
-            )
+        searching = self.searching.nonzero().squeeze(1)
+        previous = self.decoded_images
+        if previous is None:
+            attended, attended_keys, attended_features = None, keys, compute_features
+        else:
+            attended, attended_keys, attended_features = previous[1:]
+        attended_count = self.searching.numel() if attended is None else attended.numel()
+        # A search that has ended does not resume, so the subset keeps holding every searching image; the
+        # check costs nothing next to a step and guards the step against reading another image's features.
+        lost = attended is not None and not bool(torch.isin(searching, attended).all())
+        if lost or searching_count <= ATTENDED_SHARE_TO_COMPACT * attended_count:
+            attended = searching
+            attended_keys = keys.index_select(0, searching)
+            attended_features = compute_features.index_select(0, searching)
+        self.decoded_images = ImagesToDecode(searching, attended, attended_keys, attended_features)
         return self.decoded_images
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> ShowAttendTellCache:
@@ -629,6 +649,10 @@ class _InferenceWeights:
             self.score_bias = attention.score.bias.detach().float().reshape(())
             self.init_weight = torch.cat([decoder.init_hidden.weight, decoder.init_cell.weight]).float()
             self.init_bias = torch.cat([decoder.init_hidden.bias, decoder.init_cell.bias]).float()
+            # the output layer in float32 as well, for the likeliest words of a low-precision step
+            low_precision = dtype not in (torch.float32, torch.float64)
+            self.exact_output_weight = decoder.output_layer.weight.detach().float() if low_precision else None
+            self.exact_output_bias = decoder.output_layer.bias.detach().float() if low_precision else None
         self.dtype = dtype
         self.attention_dim = attention.decoder_projection.out_features
         self.encoder_dim = decoder.gate.out_features
@@ -666,6 +690,9 @@ class ShowAttendTellDecoder(nn.Module):
     are cast to the compute dtype once rather than at every step, the attention is computed in
     cache-sized blocks, identical rows (the beams of an image at the first step) are computed once, and
     the LSTM state, the attention weights and the attention scores stay in float32 under bf16 autocast.
+    Under bf16, the logits of each row's `2 x num_beams` likeliest words, among which beam search chooses,
+    are computed again in float32: bf16 rounds a logit of 15 to the nearest 0.06, enough to decide between
+    two nearly equally likely captions.
     The compute dtype is the autocast dtype when autocast is on (e.g. `torch.autocast("cpu",
     dtype=torch.bfloat16)`), else the dtype of the weights. In float32 both give the same ids.
 
@@ -847,24 +874,33 @@ class ShowAttendTellDecoder(nn.Module):
         return memo[1]
 
     def _inference_forward(
-        self, input_ids: torch.LongTensor, features: torch.Tensor, cache: ShowAttendTellCache | None
+        self,
+        input_ids: torch.LongTensor,
+        features: torch.Tensor,
+        cache: ShowAttendTellCache | None,
+        rows_per_image: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShowAttendTellCache]:
-        """`forward` without gradients: the same function, computed as described in the class docstring."""
+        """
+        `forward` without gradients: the same function, computed as described in the class docstring.
+        `rows_per_image`: how many rows each image has (beams), when `input_ids` holds one row per image.
+        """
         rows, steps = input_ids.shape
         if cache is None:
             images = features.shape[0]
-            rows_per_image = rows // images
-            grouped = input_ids.view(images, rows_per_image, steps)
-            if rows_per_image > 1 and bool((grouped == grouped[:, :1]).all()):
+            copies = rows // images
+            grouped = input_ids.view(images, copies, steps)
+            if copies > 1 and bool((grouped == grouped[:, :1]).all()):
                 # Every row of an image reads the same words (generate's first step: <start> for every
                 # beam): decode one row per image and copy the results.
-                logits, alphas, outputs, cache = self._inference_forward(grouped[:, 0], features, None)
-                cache.hidden = cache.hidden.repeat_interleave(rows_per_image, dim=0)
-                cache.cell = cache.cell.repeat_interleave(rows_per_image, dim=0)
+                logits, alphas, outputs, cache = self._inference_forward(
+                    grouped[:, 0], features, None, copies
+                )
+                cache.hidden = cache.hidden.repeat_interleave(copies, dim=0)
+                cache.cell = cache.cell.repeat_interleave(copies, dim=0)
                 return (
-                    logits.repeat_interleave(rows_per_image, dim=0),
-                    alphas.repeat_interleave(rows_per_image, dim=0),
-                    outputs.repeat_interleave(rows_per_image, dim=0),
+                    logits.repeat_interleave(copies, dim=0),
+                    alphas.repeat_interleave(copies, dim=0),
+                    outputs.repeat_interleave(copies, dim=0),
                     cache,
                 )
         device_type = input_ids.device.type
@@ -893,6 +929,8 @@ class ShowAttendTellDecoder(nn.Module):
             )
         keys = cache.projected_features.float()
         hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), cache.scratch
+        # beam search picks among the 2 x num_beams likeliest words of each row
+        exact_logits = 2 * (rows_per_image or rows // keys.shape[0])
         decoded_images = cache.images_to_decode(keys, compute_features) if steps == 1 else None
         if decoded_images is not None:
             with torch.autocast(device_type, enabled=False):
@@ -908,7 +946,7 @@ class ShowAttendTellDecoder(nn.Module):
         with torch.autocast(device_type, enabled=False):
             for t in range(steps):
                 logits, alpha, hidden, cell, scratch = self._inference_step(
-                    input_ids[:, t], keys, compute_features, hidden, cell, weights, scratch
+                    input_ids[:, t], keys, compute_features, hidden, cell, weights, scratch, exact_logits
                 )
                 all_logits.append(logits)
                 all_alphas.append(alpha)
@@ -935,23 +973,31 @@ class ShowAttendTellDecoder(nn.Module):
         self,
         input_ids: torch.LongTensor,
         images: int,
-        decoded_images: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        decoded_images: ImagesToDecode,
         hidden: torch.Tensor,
         cell: torch.Tensor,
         weights: _InferenceWeights,
         scratch: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
-        `_inference_step` for the rows of some images only (`ShowAttendTellCache.images_to_decode`). The other
-        rows keep their state and get zero logits and attention, which beam search never reads.
+        `_inference_step` for the rows of the images still searching (`ShowAttendTellCache.images_to_decode`).
+        The other rows keep their state and get zero logits and attention, which beam search never reads.
         """
-        image_index, keys, compute_features = decoded_images
+        searching, attended, keys, compute_features = decoded_images
         rows = input_ids.shape[0]
         rows_per_image = rows // images
-        row_index = (
-            image_index.unsqueeze(1) * rows_per_image
-            + torch.arange(rows_per_image, device=image_index.device)
-        ).view(-1)
+        offsets = torch.arange(rows_per_image, device=searching.device)
+        row_index = (searching.unsqueeze(1) * rows_per_image + offsets).view(-1)
+        # where the searching images' rows sit among the attended images' rows
+        if attended is None:
+            attended_positions = searching
+        elif attended.numel() == searching.numel():
+            attended_positions = None  # the same images
+        else:
+            attended_positions = torch.searchsorted(attended, searching)
+        attended_rows = None
+        if attended_positions is not None:
+            attended_rows = (attended_positions.unsqueeze(1) * rows_per_image + offsets).view(-1)
         logits, alpha, new_hidden, new_cell, scratch = self._inference_step(
             input_ids.index_select(0, row_index),
             keys,
@@ -960,6 +1006,9 @@ class ShowAttendTellDecoder(nn.Module):
             cell.index_select(0, row_index),
             weights,
             scratch,
+            2 * rows_per_image,
+            attended_rows,
+            rows_per_image,
         )
         return (
             logits.new_zeros(rows, logits.shape[1]).index_copy_(0, row_index, logits),
@@ -978,14 +1027,31 @@ class ShowAttendTellDecoder(nn.Module):
         cell: torch.Tensor,
         weights: _InferenceWeights,
         scratch: torch.Tensor | None,
+        exact_logits: int,
+        attended_rows: torch.LongTensor | None = None,
+        rows_per_image: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`step` for inference. keys (images, num_pixels, attention_dim) float32; compute_features
-        (images, num_pixels, encoder_dim) in the compute dtype; hidden, cell (rows, decoder_dim) float32."""
+        """
+        `step` for inference. keys (images, num_pixels, attention_dim) float32; compute_features (images,
+        num_pixels, encoder_dim) in the compute dtype; hidden, cell (rows, decoder_dim) float32. In a low
+        precision, the `exact_logits` largest logits of each row are computed in float32 (`_exact_top_logits`).
+
+        `attended_rows` (rows,) with `rows_per_image`, optional: the rows are those of some of the images
+        only, at these positions among the `images x rows_per_image` rows of `keys`' images (the attention of
+        the other positions is computed from a zero query and dropped).
+        """
         images, rows = keys.shape[0], input_ids.shape[0]
         attention_dim, encoder_dim = weights.attention_dim, weights.encoder_dim
         # attention query, gate and recurrent term of the LSTM: one product
         from_hidden = F.linear(hidden.to(weights.dtype), weights.hidden_weight, weights.hidden_bias)
-        query = from_hidden[:, :attention_dim].float().view(images, rows // images, attention_dim)
+        query = from_hidden[:, :attention_dim].float()
+        if attended_rows is not None:
+            query = query.new_zeros(images * rows_per_image, attention_dim).index_copy_(
+                0, attended_rows, query
+            )
+        else:
+            rows_per_image = rows // images
+        query = query.view(images, rows_per_image, attention_dim)
         if self.fuse_attention_scores:
             scores = fused_attention_scores(keys, query, weights.score_weight, weights.score_bias)
         else:
@@ -994,15 +1060,12 @@ class ShowAttendTellDecoder(nn.Module):
             )
         alpha = scores.softmax(dim=-1)  # (images, rows_per_image, num_pixels)
         # (images, rows_per_image, encoder_dim): one batched product per image serves all of its rows
-        context = torch.bmm(alpha.to(weights.dtype), compute_features)
+        context = torch.bmm(alpha.to(weights.dtype), compute_features).view(-1, encoder_dim)
+        alpha = alpha.view(-1, alpha.shape[-1])
+        if attended_rows is not None:
+            alpha, context = alpha.index_select(0, attended_rows), context.index_select(0, attended_rows)
         gate = torch.sigmoid(from_hidden[:, attention_dim : attention_dim + encoder_dim])
-        lstm_input = torch.cat(
-            [
-                F.embedding(input_ids, weights.embedding),
-                gate * context.view(rows, encoder_dim),
-            ],
-            dim=1,
-        )
+        lstm_input = torch.cat([F.embedding(input_ids, weights.embedding), gate * context], dim=1)
         gates = torch.addmm(
             from_hidden[:, attention_dim + encoder_dim :], lstm_input, weights.input_weight.t()
         )
@@ -1010,7 +1073,28 @@ class ShowAttendTellDecoder(nn.Module):
         cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
         hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
         logits = F.linear(hidden.to(weights.dtype), weights.output_weight, weights.output_bias)
-        return logits, alpha.view(rows, -1), hidden, cell, scratch
+        if weights.exact_output_weight is not None and exact_logits > 0:
+            logits = self._exact_top_logits(logits, hidden, weights, exact_logits)
+        return logits, alpha, hidden, cell, scratch
+
+    @staticmethod
+    def _exact_top_logits(
+        logits: torch.Tensor, hidden: torch.Tensor, weights: _InferenceWeights, count: int
+    ) -> torch.Tensor:
+        """
+        Low-precision logits (rows, vocab_size) -> float32 logits whose `count` largest per row are computed
+        again in float32, from the float32 LSTM output and output layer.
+
+        A bf16 logit is rounded to 8 significant bits: 0.03 to 0.06 at the magnitudes of a trained
+        captioner's likely words, more than the gap between many pairs of candidate captions. Beam search
+        chooses among each row's `2 x num_beams` best words, so those are made exact; the rest keep bf16's
+        precision, which the softmax's normaliser barely feels.
+        """
+        top = logits.topk(min(count, logits.shape[1]), dim=1, sorted=False).indices
+        exact = torch.baddbmm(
+            weights.exact_output_bias[top].unsqueeze(2), weights.exact_output_weight[top], hidden.unsqueeze(2)
+        )
+        return logits.float().scatter_(1, top, exact.squeeze(2))
 
 
 # --------------------------------------------------------------------------------------------------

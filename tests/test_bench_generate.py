@@ -10,16 +10,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import sharpen_decoder
+
+from show_attend_tell.saving import save_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_generate.py"
 
 
 @pytest.mark.slow
-def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path):
+def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path, tiny_model, processor):
+    # a saved model folder stands for the trained model (`make demo`'s) of the bf16 agreement on trained weights
+    sharpen_decoder(tiny_model, std=0.3)
+    save_model_folder(tmp_path / "trained", tiny_model, processor)
     json_out = tmp_path / "bench_generate.json"
     command = [sys.executable, str(SCRIPT), "--quick", "--skip-peer", "--skip-memory", "--threads", "1"]
-    command += ["--device", "cpu", "--json-out", str(json_out)]
+    command += ["--device", "cpu", "--json-out", str(json_out), "--trained-model", str(tmp_path / "trained")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -34,3 +40,10 @@ def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path):
     # images whose search has ended are not decoded: never more rows than batch x beams
     assert 0 < exactness["decoded_row_steps_share"] <= 1.0
     assert result["settings"]["batch_size"] == 8 and result["settings"]["device"] == "cpu"
+    # a float32 decoder whose weights are rounded to bf16: the bound on any bf16 computation's agreement
+    assert 0 <= exactness["fp32_decoder_with_bf16_rounded_weights"] <= 1
+    trained = result["trained_model"]
+    assert trained["images"] == 16 and trained["config"]["vocab_size"] == tiny_model.config.vocab_size
+    for key in ("bf16_vs_fp32_end_to_end", "bf16_vs_fp32_decoder", "fp32_decoder_with_bf16_rounded_weights"):
+        assert 0 < trained[key] <= 1, key  # a share of the 16 pictures, some of them identical
+    assert "bf16 ids = float32, trained model, end-to-end" in completed.stdout

@@ -176,6 +176,55 @@ def test_finished_images_are_not_decoded_and_results_are_unchanged(ending_model,
         torch.testing.assert_close(fast.attention_maps, plain.attention_maps, atol=1e-5, rtol=1e-4)
 
 
+def test_a_step_decodes_the_searching_rows_against_the_whole_batch_or_a_copied_subset(ending_model):
+    """
+    The steps that leave finished images out, in each of their cases: the searching images attend to the
+    whole batch's features (nothing copied), to a copy of exactly themselves, and to an earlier copy that
+    also holds images finished since. Each gives the searching rows what decoding every row gives them and
+    leaves the other rows' state alone.
+    """
+    images, rows_per_image = 6, 3
+    rows = images * rows_per_image
+    features = unit_features(images, ending_model.config, seed=4).last_hidden_state
+    decoder = ending_model.decoder
+    generator = torch.Generator().manual_seed(2)
+    masks_and_expected = [  # searching images -> (searching, attended images or None for all, keys' images)
+        ([0, 1, 3, 4, 5], (5, None, 6)),
+        ([1, 3, 4], (3, 3, 3)),  # at most half of the batch is searching: copied
+        ([1, 4], (2, 3, 3)),  # two of the three copied images: the copy is kept
+    ]
+    with torch.inference_mode():
+        words = torch.randint(4, ending_model.config.vocab_size, (rows, 1), generator=generator)
+        cache = decoder(words, features).cache
+        for searching_images, expected in masks_and_expected:
+            words = torch.randint(4, ending_model.config.vocab_size, (rows, 1), generator=generator)
+            every_row = copy.copy(cache)
+            every_row.searching = None
+            reference = decoder(words, features, every_row)
+            cache.searching = torch.zeros(images, dtype=torch.bool)
+            cache.searching[searching_images] = True
+            hidden_before = cache.hidden.clone()
+            skipping = decoder(words, features, cache)
+            decoded = cache.decoded_images
+            attended = None if decoded.attended is None else decoded.attended.numel()
+            assert (decoded.searching.numel(), attended, decoded.keys.shape[0]) == expected
+            searching_rows = torch.tensor(
+                [image * rows_per_image + r for image in searching_images for r in range(rows_per_image)]
+            )
+            other_rows = torch.tensor([row for row in range(rows) if row not in searching_rows])
+            for name in ("logits", "alphas", "lstm_outputs"):
+                torch.testing.assert_close(
+                    getattr(skipping, name)[searching_rows], getattr(reference, name)[searching_rows]
+                )
+            torch.testing.assert_close(
+                skipping.cache.cell[searching_rows], reference.cache.cell[searching_rows]
+            )
+            assert torch.equal(skipping.cache.hidden[other_rows], hidden_before[other_rows])
+            assert not skipping.logits[other_rows].any()
+            cache = skipping.cache
+            cache.searching = None
+
+
 def test_every_row_is_decoded_when_per_step_logits_are_returned(ending_model, monkeypatch):
     features = unit_features(12, ending_model.config, seed=3)
     common = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_logits": True}
@@ -259,6 +308,55 @@ def test_bf16_autocast_generate_matches_float32_for_most_images(tiny_model):
     plain_same = [torch.equal(a, b) for a, b in zip(plain_bf16, reference, strict=True)]
     assert sum(same) >= 0.8 * len(same)
     assert sum(same) >= sum(plain_same) - 2  # at least as faithful as bf16 autocast of the plain step
+
+
+def test_bf16_steps_compute_each_rows_likeliest_logits_in_float32(tiny_model):
+    features = unit_features(4, tiny_model.config, seed=5).last_hidden_state
+    rows_per_image, steps = 3, 4
+    input_ids = torch.randint(4, tiny_model.config.vocab_size, (4 * rows_per_image, steps))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoded = tiny_model.decoder(input_ids, features)
+    with torch.inference_mode():
+        output_layer = tiny_model.decoder.output_layer
+        float32 = torch.nn.functional.linear(
+            decoded.lstm_outputs.float(), output_layer.weight, output_layer.bias
+        )
+    assert decoded.logits.dtype == torch.float32
+    top = decoded.logits.topk(2 * rows_per_image, dim=-1).indices  # beam search's candidates of each row
+    torch.testing.assert_close(decoded.logits.gather(-1, top), float32.gather(-1, top), atol=1e-5, rtol=1e-6)
+    assert torch.equal(top.sort(-1).values, float32.topk(2 * rows_per_image, dim=-1).indices.sort(-1).values)
+    # the other words keep bf16's precision (8 significant bits), not float32's
+    rest = torch.ones_like(decoded.logits, dtype=torch.bool).scatter_(-1, top, False)
+    error = (decoded.logits - float32)[rest].abs()
+    assert 1e-4 < error.max() < 2**-6 * float32.abs().max()
+
+
+def test_bf16_beam_search_keeps_float32_captions_when_logits_are_large(monkeypatch):
+    """
+    A trained captioner's likely words have logits of 10 to 20, where bf16 rounds to 0.06 to 0.125: enough
+    to reorder candidate captions. Here every logit is shifted by 20 (which changes nothing in float32): the
+    bf16 step still gives float32's captions, because the candidates' logits are computed in float32.
+    """
+    torch.manual_seed(0)
+    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=60)).eval()
+    sharpen_decoder(model, std=0.3, seed=1)
+    with torch.no_grad():
+        model.decoder.output_layer.bias += 20.0
+    features = unit_features(48, model.config, seed=3)
+    kwargs = {"num_beams": 4, "max_new_tokens": 8, "length_penalty": 0.0}
+    reference = generate(model, features, **kwargs)
+
+    def identical(ids):
+        return sum(torch.equal(a, b) for a, b in zip(ids, reference, strict=True))
+
+    assert identical(generate(model, features, autocast=True, **kwargs)) >= 0.9 * 48
+    # the same step with bf16's logits as they come out of the product
+    monkeypatch.setattr(
+        modeling.ShowAttendTellDecoder,
+        "_exact_top_logits",
+        staticmethod(lambda logits, *args: logits.float()),
+    )
+    assert identical(generate(model, features, autocast=True, **kwargs)) <= 0.5 * 48
 
 
 def test_bf16_weights_generate(tiny_model):
