@@ -69,6 +69,12 @@ IMAGE_TO_TEXT_AUTO_CLASSES = [
 # (a host synchronisation and a few copies per step) pays from about this many rows (batch x beams) on.
 # Measured on an H200, beam 5: 9% slower at 1,280 rows, 22% faster at 5,120.
 GPU_ROWS_WORTH_SKIPPING = 4096
+# oneDNN's products with weights stored in its own layout, used for bf16 decoding on a CPU
+_PACKED_BF16_PRODUCTS = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
 # The attention of the images still searching reads the features of a subset of the batch that holds them;
 # the subset is copied afresh only once at most this share of it is still searching. A copy costs about
 # two steps' reading of the copied features; fewer copies pay (measured on the CPU: each copy at 75%
@@ -654,9 +660,36 @@ class _InferenceWeights:
             self.exact_output_weight = decoder.output_layer.weight.detach().float() if low_precision else None
             self.exact_output_bias = decoder.output_layer.bias.detach().float() if low_precision else None
         self.dtype = dtype
+        self.packed = {}
+        if self.input_weight.device.type == "cpu" and dtype == torch.bfloat16 and _PACKED_BF16_PRODUCTS:
+            # oneDNN's own layout of a weight matrix: a product then reads it as it is instead of
+            # reordering the whole matrix at every call (10 to 20% faster for a step's few rows; same results)
+            for name in ("hidden", "input", "output"):
+                self.packed[name] = torch.ops.mkldnn._reorder_linear_weight(getattr(self, f"{name}_weight"))
+                setattr(self, f"{name}_weight", None)  # only the packed copy is read
         self.attention_dim = attention.decoder_projection.out_features
         self.encoder_dim = decoder.gate.out_features
         self.decoder_dim = lstm.hidden_size
+
+    def product(
+        self,
+        name: str,
+        inputs: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        add: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`inputs @ weight.T + bias + add` with the weight matrix called `name` (hidden, input or output)."""
+        packed = self.packed.get(name)
+        if packed is not None:
+            if add is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(
+                    inputs, add.contiguous(), packed, bias, "add"
+                )
+            return torch.ops.mkldnn._linear_pointwise(inputs, packed, bias, "none", [], "")
+        weight = getattr(self, f"{name}_weight")
+        if add is not None:
+            return torch.addmm(add if bias is None else add + bias, inputs, weight.t())
+        return F.linear(inputs, weight, bias)
 
 
 class DecoderOutput(NamedTuple):
@@ -855,6 +888,13 @@ class ShowAttendTellDecoder(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict:
+        # The inference weights are a cache: copies and pickles of the module rebuild them (oneDNN's packed
+        # weights cannot be copied or pickled)
+        state = super().__getstate__().copy()
+        state["_inference_weights_memo"] = None
+        return state
+
     def compute_dtype(self, device_type: str) -> torch.dtype:
         """The dtype of the inference step's matrix products: autocast's when it is on, else the weights'."""
         if torch.is_autocast_enabled(device_type):
@@ -1043,7 +1083,7 @@ class ShowAttendTellDecoder(nn.Module):
         images, rows = keys.shape[0], input_ids.shape[0]
         attention_dim, encoder_dim = weights.attention_dim, weights.encoder_dim
         # attention query, gate and recurrent term of the LSTM: one product
-        from_hidden = F.linear(hidden.to(weights.dtype), weights.hidden_weight, weights.hidden_bias)
+        from_hidden = weights.product("hidden", hidden.to(weights.dtype), weights.hidden_bias)
         query = from_hidden[:, :attention_dim].float()
         if attended_rows is not None:
             query = query.new_zeros(images * rows_per_image, attention_dim).index_copy_(
@@ -1066,13 +1106,11 @@ class ShowAttendTellDecoder(nn.Module):
             alpha, context = alpha.index_select(0, attended_rows), context.index_select(0, attended_rows)
         gate = torch.sigmoid(from_hidden[:, attention_dim : attention_dim + encoder_dim])
         lstm_input = torch.cat([F.embedding(input_ids, weights.embedding), gate * context], dim=1)
-        gates = torch.addmm(
-            from_hidden[:, attention_dim + encoder_dim :], lstm_input, weights.input_weight.t()
-        )
+        gates = weights.product("input", lstm_input, add=from_hidden[:, attention_dim + encoder_dim :])
         input_gate, forget_gate, cell_gate, output_gate = gates.float().chunk(4, dim=1)
         cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
         hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
-        logits = F.linear(hidden.to(weights.dtype), weights.output_weight, weights.output_bias)
+        logits = weights.product("output", hidden.to(weights.dtype), weights.output_bias)
         if weights.exact_output_weight is not None and exact_logits > 0:
             logits = self._exact_top_logits(logits, hidden, weights, exact_logits)
         return logits, alpha, hidden, cell, scratch

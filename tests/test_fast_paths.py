@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import sharpen_decoder, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -357,6 +358,46 @@ def test_bf16_beam_search_keeps_float32_captions_when_logits_are_large(monkeypat
         staticmethod(lambda logits, *args: logits.float()),
     )
     assert identical(generate(model, features, autocast=True, **kwargs)) <= 0.5 * 48
+
+
+@pytest.mark.skipif(not modeling._PACKED_BF16_PRODUCTS, reason="oneDNN without bf16 on this CPU")
+def test_bf16_products_on_a_cpu_read_prepacked_weights_with_the_same_results(tiny_model, monkeypatch):
+    decoder = tiny_model.decoder
+    weights = decoder._inference_weights(torch.bfloat16)
+    assert set(weights.packed) == {"hidden", "input", "output"}
+    assert weights.output_weight is None  # the packed copy replaces it
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, decoder.lstm.hidden_size, generator=generator).bfloat16()
+    with torch.inference_mode():
+        expected = F.linear(hidden, decoder.output_layer.weight.bfloat16(), weights.output_bias)
+        assert torch.equal(weights.product("output", hidden, weights.output_bias), expected)
+        lstm_input = torch.randn(7, decoder.lstm.input_size, generator=generator).bfloat16()
+        recurrent = torch.randn(7, 4 * decoder.lstm.hidden_size, generator=generator).bfloat16()
+        expected = torch.addmm(recurrent, lstm_input, decoder.lstm.weight_ih.bfloat16().t())
+        torch.testing.assert_close(weights.product("input", lstm_input, add=recurrent), expected)
+    # and generate() gives the captions of the same step with plain products
+    features = unit_features(16, tiny_model.config, seed=8)
+    kwargs = {"num_beams": 3, "max_new_tokens": 8}
+    packed_ids = generate(tiny_model, features, autocast=True, **kwargs)
+    monkeypatch.setattr(modeling, "_PACKED_BF16_PRODUCTS", False)
+    decoder._inference_weights_memo = None
+    assert not decoder._inference_weights(torch.bfloat16).packed
+    assert torch.equal(generate(tiny_model, features, autocast=True, **kwargs), packed_ids)
+
+
+def test_a_model_that_has_decoded_in_bf16_can_be_copied_and_pickled(tiny_model, tmp_path):
+    """The decoder's prepared inference weights (on a CPU, oneDNN's packed matrices) are a cache: a copy or a
+    pickle of the model leaves them behind and rebuilds them."""
+    features = unit_features(3, tiny_model.config, seed=2)
+    kwargs = {"num_beams": 2, "max_new_tokens": 5}
+    ids = generate(tiny_model, features, autocast=True, **kwargs)
+    assert tiny_model.decoder._inference_weights_memo is not None
+    copied = copy.deepcopy(tiny_model)
+    torch.save(tiny_model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (copied, loaded):
+        assert other.decoder._inference_weights_memo is None
+        assert torch.equal(generate(other, features, autocast=True, **kwargs), ids)
 
 
 def test_bf16_weights_generate(tiny_model):
