@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, with the package importable
 #
+# The bf16 agreement on trained weights needs a trained model folder: carry outputs/demo/run/model (make demo).
 # On a machine without the package's dependencies, wheels in .whl/ (transformers, tokenizers, datasets and
 # its dill/multiprocess) are installed into /tmp/site first; the machine's own torch is used.
 set -uo pipefail
