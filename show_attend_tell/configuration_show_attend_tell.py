@@ -18,6 +18,19 @@ START_TOKEN_ID = 1
 END_TOKEN_ID = 2
 UNK_TOKEN_ID = 3
 
+#: The task of the model's own pipeline (pipeline_show_attend_tell.py), and its entry in a saved folder's
+#: config.json (`custom_pipelines`). "pt" names the auto class that loads the model (resolved with
+#: `getattr(transformers, name)`); "tf" is empty but present because transformers 4.x reads it.
+PIPELINE_TASK = "image-to-text"
+PIPELINE_DECLARATION: dict[str, Any] = {
+    PIPELINE_TASK: {
+        "impl": "pipeline_show_attend_tell.ShowAttendTellImageToTextPipeline",
+        "pt": ["AutoModel"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
+
 
 class ShowAttendTellConfig(PretrainedConfig):
     r"""

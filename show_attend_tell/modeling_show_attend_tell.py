@@ -30,8 +30,10 @@ Fast captioning: `model.to(memory_format=torch.channels_last)`, channels_last `p
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -42,7 +44,7 @@ from transformers import GenerationMixin, PreTrainedModel, ResNetModel
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
-from .configuration_show_attend_tell import RESNET_DEPTHS, ShowAttendTellConfig
+from .configuration_show_attend_tell import PIPELINE_DECLARATION, RESNET_DEPTHS, ShowAttendTellConfig
 
 try:  # transformers 5.x: initialisers that leave weights loaded from a checkpoint untouched
     from transformers import initialization as init
@@ -1238,14 +1240,42 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         return False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`; the folder also loads with the image-to-text auto class."""
+        """
+        `PreTrainedModel.save_pretrained`. When the code files are saved with the weights (the classes are
+        registered for the auto classes, as importing `show_attend_tell` does), the folder also loads with
+        the image-to-text auto class and declares its own image-to-text pipeline (`custom_pipelines`):
+        transformers 5.x would otherwise serve `pipeline("image-to-text", model=folder,
+        trust_remote_code=True)` with a pipeline that asks for a text prompt. The pipeline's code files are
+        copied next to the weights; a model whose code came from a folder without them is saved without
+        the declaration.
+        """
+        pipeline_files = []
         if self._auto_class is not None:
             reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             for name in IMAGE_TO_TEXT_AUTO_CLASSES:
                 auto_map.setdefault(name, reference)
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+            # Not imported by this file: transformers 4.x copies only a module's direct relative imports
+            # into its cache, and the pipeline's own import of the image processing file would be missing.
+            code_dir = Path(__file__).resolve().parent
+            pipeline_files = [
+                code_dir / f"{name}_show_attend_tell.py" for name in ("pipeline", "image_processing")
+            ]
+            custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
+            if all(path.is_file() for path in pipeline_files):
+                custom_pipelines.update(PIPELINE_DECLARATION)
+            else:  # a declaration without its code would break the folder's pipeline
+                pipeline_files = []
+                for task in PIPELINE_DECLARATION:
+                    custom_pipelines.pop(task, None)
+            if custom_pipelines or hasattr(self.config, "custom_pipelines"):
+                self.config.custom_pipelines = custom_pipelines
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for path in pipeline_files:
+                shutil.copyfile(path, Path(save_directory) / path.name)
+        return result
 
     # -- forward -------------------------------------------------------------------------------------
 

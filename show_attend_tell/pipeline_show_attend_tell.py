@@ -31,20 +31,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel, Pipeline
 
+from .configuration_show_attend_tell import PIPELINE_DECLARATION, PIPELINE_TASK
 from .image_processing_show_attend_tell import load_image
-
-#: The task this pipeline serves, and its entry in a saved folder's config.json (`custom_pipelines`).
-#: "pt" names the auto class that loads the model (resolved with `getattr(transformers, name)`); "tf" is
-#: empty but present because transformers 4.x reads it.
-PIPELINE_TASK = "image-to-text"
-PIPELINE_DECLARATION: dict[str, Any] = {
-    PIPELINE_TASK: {
-        "impl": "pipeline_show_attend_tell.ShowAttendTellImageToTextPipeline",
-        "pt": ["AutoModel"],
-        "tf": [],
-        "type": "multimodal",
-    }
-}
 
 
 def words_and_attention(

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedModel, ProcessorMixin
-
-from .pipeline_show_attend_tell import PIPELINE_DECLARATION
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-PIPELINE_CODE_FILE = "pipeline_show_attend_tell.py"
 
 
 def save_model_folder(
@@ -26,9 +20,7 @@ def save_model_folder(
     Writes `model` and `processor` to `output_dir` so that the folder loads anywhere with
     `trust_remote_code=True`: safetensors weights, config.json (with `auto_map`), generation_config.json,
     the tokenizer, the image processor, the processor, and the `*_show_attend_tell.py` code files.
-    config.json also declares the folder's own image-to-text pipeline (`custom_pipelines`, with
-    pipeline_show_attend_tell.py beside the weights), so `pipeline("image-to-text", model=folder,
-    trust_remote_code=True)` works on transformers 5.x, which otherwise redirects that task.
+    config.json also declares the folder's own image-to-text pipeline (see the model's `save_pretrained`).
 
     The image processor and tokenizer are also written as their own files (preprocessor_config.json,
     tokenizer_config.json), which transformers 4.x reads; 5.x reads processor_config.json.
@@ -49,7 +41,6 @@ def save_model_folder(
         processor.save_pretrained(staging)
         processor.image_processor.save_pretrained(staging)
         processor.tokenizer.save_pretrained(staging)
-        declare_pipeline(staging)
         for name, content in (extra_files or {}).items():
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,26 +53,6 @@ def save_model_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
-
-
-def declare_pipeline(folder: str | os.PathLike) -> None:
-    """
-    Makes a saved model folder serve `pipeline("image-to-text", ...)` with its own pipeline class: copies
-    pipeline_show_attend_tell.py (and the image processing file it imports, if missing) into `folder` and
-    adds `custom_pipelines` to its config.json. transformers 4.x and 5.x both use a folder's declared
-    pipeline for a task before their own task table.
-    """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: save the model there first")
-    for name in (PIPELINE_CODE_FILE, "image_processing_show_attend_tell.py"):
-        if name == PIPELINE_CODE_FILE or not (folder / name).exists():
-            shutil.copyfile(PACKAGE_DIR / name, folder / name)
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["custom_pipelines"] = {**config.get("custom_pipelines", {}), **PIPELINE_DECLARATION}
-    # The layout transformers itself writes (sorted keys, two-space indent), so diffs stay small.
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def replace_directory(new: Path, target: Path, retired: Path | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import transformers
 from conftest import run_check_script
 from PIL import Image
 from transformers import pipeline
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from show_attend_tell.pipeline_show_attend_tell import PIPELINE_DECLARATION, words_and_attention
 from show_attend_tell.saving import save_model_folder
@@ -26,6 +28,15 @@ RUNNING_MAJOR = int(transformers.__version__.split(".")[0])
 @pytest.fixture
 def folder(tmp_path, tiny_model, processor):
     return save_model_folder(tmp_path / "model", tiny_model, processor)
+
+
+@pytest.fixture
+def pretrained_folder(tmp_path, tiny_model, processor) -> Path:
+    """A folder written the plain transformers way: `model.save_pretrained` and `processor.save_pretrained`."""
+    directory = tmp_path / "pretrained"
+    tiny_model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture
@@ -53,6 +64,38 @@ def test_saved_folder_declares_its_pipeline(folder):
     assert (folder / "pipeline_show_attend_tell.py").is_file()
     code = (folder / "pipeline_show_attend_tell.py").read_text()
     assert "show_attend_tell." not in code.replace("_show_attend_tell.", "")  # only sibling imports
+
+
+def test_a_folder_saved_with_save_pretrained_serves_its_pipeline(
+    pretrained_folder, tiny_model, processor, images
+):
+    config = json.loads((pretrained_folder / "config.json").read_text())
+    assert config["custom_pipelines"] == PIPELINE_DECLARATION
+    assert (pretrained_folder / "pipeline_show_attend_tell.py").is_file()  # copied with the model's code
+    captioner = pipeline("image-to-text", model=str(pretrained_folder), trust_remote_code=True)
+    assert type(captioner).__name__ == "ShowAttendTellImageToTextPipeline"
+    expected = reference_captions(tiny_model, processor, images / "a.png", max_new_tokens=6)
+    assert captioner(str(images / "a.png"), max_new_tokens=6) == [{"generated_text": expected[0]}]
+
+
+def test_a_model_resaved_without_its_pipeline_code_drops_the_declaration(pretrained_folder, tmp_path):
+    """
+    A model loaded from a folder's code (as where the package is not installed) has only the files that
+    loading the model needs; saved again, its folder must not declare a pipeline whose code it lacks.
+    """
+    remote_class = get_class_from_dynamic_module(
+        "modeling_show_attend_tell.ShowAttendTellForConditionalGeneration", pretrained_folder
+    )
+    remote_class.register_for_auto_class("AutoModel")  # what AutoModel does for a folder's code
+    code_dir = Path(sys.modules[remote_class.__module__].__file__).parent
+    (code_dir / "pipeline_show_attend_tell.py").unlink(missing_ok=True)  # left by an earlier pipeline load
+    model = remote_class.from_pretrained(pretrained_folder)
+    assert model.config.custom_pipelines == PIPELINE_DECLARATION  # read from the folder's config.json
+    model.save_pretrained(tmp_path / "resaved")
+    config = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert "image-to-text" not in config.get("custom_pipelines", {})
+    assert not (tmp_path / "resaved" / "pipeline_show_attend_tell.py").exists()
+    assert type(remote_class.from_pretrained(tmp_path / "resaved")).__name__ == remote_class.__name__
 
 
 def test_pipeline_captions_like_generate(folder, tiny_model, processor, images):
@@ -129,10 +172,20 @@ def _overlay_for(loader: str) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader", ["same major", "other major"])
-def test_fresh_process_pipeline_on_both_majors(loader, folder, tiny_model, processor, images, tmp_path):
+@pytest.mark.parametrize(
+    "loader, saved_by",
+    [
+        ("same major", "save_model_folder"),
+        ("other major", "save_model_folder"),
+        ("same major", "save_pretrained"),
+    ],
+)
+def test_fresh_process_pipeline_on_both_majors(
+    loader, saved_by, folder, pretrained_folder, tiny_model, processor, images, tmp_path
+):
     overlay = _overlay_for(loader)
-    result = run_check_script("pipeline_remote_check.py", [folder, images], tmp_path, overlay)
+    model_folder = folder if saved_by == "save_model_folder" else pretrained_folder
+    result = run_check_script("pipeline_remote_check.py", [model_folder, images], tmp_path, overlay)
 
     expected_major = RUNNING_MAJOR if loader == "same major" else (4 if RUNNING_MAJOR >= 5 else 5)
     assert int(result["transformers"].split(".")[0]) == expected_major
