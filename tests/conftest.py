@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -75,6 +76,23 @@ def unit_features(images: int, config: ShowAttendTellConfig, seed: int = 0) -> B
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(images, config.num_pixels, config.encoder_dim, generator=generator)
     return BaseModelOutput(last_hidden_state=features)
+
+
+def bf16_and_float32_logits(
+    model: ShowAttendTellForConditionalGeneration, images: int, rows_per_image: int, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Teacher-forced decoding of random words under bf16 autocast: its logits, and the float32 output layer
+    applied to the same LSTM outputs (what the likeliest words' logits must equal).
+    """
+    features = unit_features(images, model.config, seed=5).last_hidden_state.to(device)
+    input_ids = torch.randint(4, model.config.vocab_size, (images * rows_per_image, 4), device=device)
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16):
+        decoded = model.decoder(input_ids, features)
+    with torch.inference_mode():
+        output_layer = model.decoder.output_layer
+        float32 = F.linear(decoded.lstm_outputs.float(), output_layer.weight, output_layer.bias)
+    return decoded.logits, float32
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import sharpen_decoder, unit_features
+from conftest import bf16_and_float32_logits, sharpen_decoder, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
@@ -312,23 +312,15 @@ def test_bf16_autocast_generate_matches_float32_for_most_images(tiny_model):
 
 
 def test_bf16_steps_compute_each_rows_likeliest_logits_in_float32(tiny_model):
-    features = unit_features(4, tiny_model.config, seed=5).last_hidden_state
-    rows_per_image, steps = 3, 4
-    input_ids = torch.randint(4, tiny_model.config.vocab_size, (4 * rows_per_image, steps))
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        decoded = tiny_model.decoder(input_ids, features)
-    with torch.inference_mode():
-        output_layer = tiny_model.decoder.output_layer
-        float32 = torch.nn.functional.linear(
-            decoded.lstm_outputs.float(), output_layer.weight, output_layer.bias
-        )
-    assert decoded.logits.dtype == torch.float32
-    top = decoded.logits.topk(2 * rows_per_image, dim=-1).indices  # beam search's candidates of each row
-    torch.testing.assert_close(decoded.logits.gather(-1, top), float32.gather(-1, top), atol=1e-5, rtol=1e-6)
+    rows_per_image = 3
+    logits, float32 = bf16_and_float32_logits(tiny_model, images=4, rows_per_image=rows_per_image)
+    assert logits.dtype == torch.float32
+    top = logits.topk(2 * rows_per_image, dim=-1).indices  # beam search's candidates of each row
+    torch.testing.assert_close(logits.gather(-1, top), float32.gather(-1, top), atol=1e-5, rtol=1e-6)
     assert torch.equal(top.sort(-1).values, float32.topk(2 * rows_per_image, dim=-1).indices.sort(-1).values)
     # the other words keep bf16's precision (8 significant bits), not float32's
-    rest = torch.ones_like(decoded.logits, dtype=torch.bool).scatter_(-1, top, False)
-    error = (decoded.logits - float32)[rest].abs()
+    rest = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, top, False)
+    error = (logits - float32)[rest].abs()
     assert 1e-4 < error.max() < 2**-6 * float32.abs().max()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import sharpen_decoder, unit_features
+from conftest import bf16_and_float32_logits, sharpen_decoder, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
@@ -96,18 +96,10 @@ def test_bf16_generate_on_the_gpu_keeps_most_captions(model_pair):
 
 def test_bf16_on_the_gpu_computes_each_rows_likeliest_logits_in_float32(model_pair):
     _, gpu_model = model_pair
-    features = unit_features(4, gpu_model.config, seed=5).last_hidden_state.cuda()
-    input_ids = torch.randint(4, gpu_model.config.vocab_size, (12, 4), device="cuda")  # 3 rows per image
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        decoded = gpu_model.decoder(input_ids, features)
-    with torch.inference_mode():
-        output_layer = gpu_model.decoder.output_layer
-        float32 = torch.nn.functional.linear(
-            decoded.lstm_outputs.float(), output_layer.weight, output_layer.bias
-        )
-    assert decoded.logits.dtype == torch.float32
-    top = decoded.logits.topk(6, dim=-1).indices
-    torch.testing.assert_close(decoded.logits.gather(-1, top), float32.gather(-1, top), atol=1e-5, rtol=1e-6)
+    logits, float32 = bf16_and_float32_logits(gpu_model, images=4, rows_per_image=3, device="cuda")
+    assert logits.dtype == torch.float32
+    top = logits.topk(6, dim=-1).indices
+    torch.testing.assert_close(logits.gather(-1, top), float32.gather(-1, top), atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("rows_worth_skipping", [0, 10**6], ids=["skipping", "not-skipping"])
