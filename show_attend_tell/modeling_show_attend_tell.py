@@ -206,6 +206,13 @@ class ShowAttendTellCache:
         # step, and what the inference step decodes (see `images_to_decode`).
         self.searching: torch.Tensor | None = None
         self.decoded_images: ImagesToDecode | None = None
+        # The decoder's weights prepared for the inference step (`_InferenceWeights`), found once per decoding
+        # rather than at every step: the cache's attention keys already belong to those weights.
+        self.inference_weights = None
+
+    def __getstate__(self) -> dict:
+        # prepared weights can hold oneDNN-packed tensors, which cannot be copied; the decoder remakes them
+        return {**self.__dict__, "inference_weights": None}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
@@ -946,7 +953,10 @@ class ShowAttendTellDecoder(nn.Module):
                     cache,
                 )
         device_type = input_ids.device.type
-        weights = self._inference_weights(self.compute_dtype(device_type))
+        dtype = self.compute_dtype(device_type)
+        weights = None if cache is None else cache.inference_weights
+        if weights is None or weights.dtype != dtype:
+            weights = self._inference_weights(dtype)
         features = features if cache is None else cache.features
         compute_features = None if cache is None else cache.compute_features
         if compute_features is None or compute_features.dtype != weights.dtype:
@@ -983,6 +993,7 @@ class ShowAttendTellDecoder(nn.Module):
                 cache.features, keys, hidden, cell, cache.seq_length + 1, compute_features=compute_features
             )
             new_cache.scratch, new_cache.decoded_images = scratch, decoded_images
+            new_cache.inference_weights = weights
             return logits.unsqueeze(1), alpha.unsqueeze(1), hidden.unsqueeze(1), new_cache
         all_logits, all_alphas, all_hidden = [], [], []
         with torch.autocast(device_type, enabled=False):
@@ -996,7 +1007,7 @@ class ShowAttendTellDecoder(nn.Module):
         new_cache = ShowAttendTellCache(
             cache.features, keys, hidden, cell, cache.seq_length + steps, compute_features=compute_features
         )
-        new_cache.scratch = scratch
+        new_cache.scratch, new_cache.inference_weights = scratch, weights
         if steps == 1:  # generate()'s steps: no copies
             return (
                 all_logits[0].unsqueeze(1),

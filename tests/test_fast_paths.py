@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -390,6 +391,33 @@ def test_a_model_that_has_decoded_in_bf16_can_be_copied_and_pickled(tiny_model, 
     for other in (copied, loaded):
         assert other.decoder._inference_weights_memo is None
         assert torch.equal(generate(other, features, autocast=True, **kwargs), ids)
+
+
+def test_a_decoding_prepares_its_weights_once_and_its_cache_can_be_copied(tiny_model, monkeypatch):
+    """The cache carries the prepared weights from step to step; a copy or pickle of it leaves them behind."""
+    decoder, calls = tiny_model.decoder, []
+    prepare = decoder._inference_weights
+    monkeypatch.setattr(decoder, "_inference_weights", lambda dtype: calls.append(dtype) or prepare(dtype))
+    features = unit_features(3, tiny_model.config, seed=2)
+    kwargs = {"num_beams": 2, "max_new_tokens": 5, "min_new_tokens": 5, "return_dict_in_generate": True}
+    out = generate(tiny_model, features, autocast=True, **kwargs)
+    assert calls == [torch.bfloat16]  # once for the decoding, not once per step
+    cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+    assert cache.inference_weights is not None
+    cache.searching = None  # decode every row below
+    copies = [copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))]
+    assert all(other.inference_weights is None for other in copies)
+    next_words = torch.full((cache.hidden.shape[0], 1), 5)
+
+    def next_logits(state):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return tiny_model(decoder_input_ids=next_words, past_key_values=state, use_cache=True).logits
+
+    expected = next_logits(cache)
+    assert len(calls) == 1
+    for other in copies:  # the copies prepare the weights again and decode the same
+        assert torch.equal(next_logits(other), expected)
+    assert len(calls) == 3
 
 
 def test_bf16_weights_generate(tiny_model):
