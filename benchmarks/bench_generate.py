@@ -19,6 +19,9 @@ What is measured (every figure is printed with its reference, the ratio, the tar
 - decoder-only throughput (on precomputed encoder outputs): `generate()` vs the reference;
 - end-to-end images/s (`--dtype`, channels_last encoder) vs the reference end to end;
 - encoder-only images/s at the same batch and dtype, and end-to-end / encoder-only;
+- with `--overlap-batches N` (the default on a GPU): a stream of N batches through `generate_overlapped`,
+  each batch's encoder pass overlapping the decoding of the one before, against encoder-only, and its
+  ids against `generate(pixel_values)`'s;
 - decoder batching: decoder images/s at `--batch-size` vs one image at a time;
 - peak resident memory while captioning a batch of 32 (in a fresh process);
 - bf16 vs float32: share of the images whose ids are identical (end to end and decoder only);
@@ -66,6 +69,7 @@ from bench_common import calibrate_batchnorm, precision, synchronize
 from reference_beam_search import classic_beam_search
 
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+from show_attend_tell.overlapped_generation import generate_overlapped
 
 IMAGE_SIZE = 256
 SEED = 0
@@ -248,6 +252,15 @@ class Captioner:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), precision(dtype, self.device):
             return model.generate(pixel_values=pixel_values, **self.generate_kwargs, **kwargs)
+
+    def ours_overlapped(self, batches: list[torch.Tensor], dtype: str) -> list[torch.Tensor]:
+        """A stream of batches, each batch's encoder pass overlapping the decoding of the one before."""
+        model = self.fast_model if dtype == "bf16" else self.model
+        if dtype == "bf16":
+            batches = [pixels.contiguous(memory_format=torch.channels_last) for pixels in batches]
+        with torch.inference_mode(), precision(dtype, self.device):
+            stream = ((pixels, None) for pixels in batches)
+            return [ids for _, ids in generate_overlapped(model, stream, **self.generate_kwargs)]
 
     def ours_decoder(self, features: torch.Tensor, dtype: str, **kwargs) -> torch.Tensor:
         with torch.inference_mode(), precision(dtype, self.device):
@@ -588,6 +601,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="end-to-end / encoder-only also at this batch (16 on a CPU; 0: not measured)",
     )
+    parser.add_argument(
+        "--overlap-batches",
+        type=int,
+        default=None,
+        help="also caption a stream of this many batches with `generate_overlapped` (the encoder of the next "
+        "batch runs while this one is decoded), against encoder-only (4 on a GPU; 0: not measured, the default "
+        "on a CPU, where the two run one after the other anyway)",
+    )
     parser.add_argument("--rss-batch-size", type=int, default=32)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -616,6 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch_size = 256 if args.device == "cuda" else 32
     if args.small_batch_size is None:
         args.small_batch_size = 16 if args.device == "cpu" else 0
+    if args.overlap_batches is None:
+        args.overlap_batches = 4 if args.device == "cuda" else 0
     if args.trained_model is None and DEMO_MODEL.is_dir():
         args.trained_model = DEMO_MODEL
     if args.quick:
@@ -672,6 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reference_images": args.reference_images,
         "reference_search": args.reference_search,
         "fused_attention": args.fused_attention,
+        "overlap_batches": args.overlap_batches,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -711,13 +735,26 @@ def main(argv: list[str] | None = None) -> dict:
     captioner.ours_end_to_end(pixel_values, args.dtype)
     captioner.ours_decoder(features, args.dtype)
     captioner.ours_decoder(features[:1], args.dtype)
+    overlapped_batches = [pixel_values] * args.overlap_batches
+    if overlapped_batches:
+        captioner.ours_overlapped(overlapped_batches[:2], args.dtype)
     captioner.reference(reference_pixels[:1])
 
     # ---- interleaved timing -------------------------------------------------------------------
-    keys = ("e2e", "encoder", "decoder", "single", "ref_e2e", "ref_decoder", "e2e_small", "encoder_small")
+    keys = (
+        "e2e", "encoder", "decoder", "single", "ref_e2e", "ref_decoder", "e2e_small", "encoder_small", "overlapped"
+    )  # fmt: skip
     results = {key: [] for key in keys}
     small = args.small_batch_size if 0 < args.small_batch_size < batch else 0
-    ratios = {key: [] for key in ("decoder", "e2e", "e2e_over_encoder", "e2e_over_encoder_small", "batching")}
+    ratio_keys = (
+        "decoder",
+        "e2e",
+        "e2e_over_encoder",
+        "e2e_over_encoder_small",
+        "batching",
+        "overlapped_over_encoder",
+    )
+    ratios = {key: [] for key in ratio_keys}
     reference_captions = None
     for repeat in range(args.repeats):
         seconds, _ = timed(lambda: captioner.ours_end_to_end(pixel_values, args.dtype), device)
@@ -748,6 +785,12 @@ def main(argv: list[str] | None = None) -> dict:
             seconds, _ = timed(lambda: captioner.ours_encoder(pixel_values[:small], args.dtype), device)
             results["encoder_small"].append(small / seconds)
             ratios["e2e_over_encoder_small"].append(results["e2e_small"][-1] / results["encoder_small"][-1])
+        if (
+            overlapped_batches
+        ):  # a stream of batches, each batch's encoder pass overlapping the decoding before it
+            seconds, _ = timed(lambda: captioner.ours_overlapped(overlapped_batches, args.dtype), device)
+            results["overlapped"].append(batch * len(overlapped_batches) / seconds)
+            ratios["overlapped_over_encoder"].append(results["overlapped"][-1] / encoder)
         print(
             f"  repeat {repeat + 1}/{args.repeats}: end-to-end {e2e:.1f} img/s, encoder {encoder:.1f}, "
             f"decoder {decoder:.1f}, decoder one at a time {single:.1f}, reference end-to-end {ref_e2e:.2f}, "
@@ -783,6 +826,15 @@ def main(argv: list[str] | None = None) -> dict:
     plain_bf16_captions = rows_to_captions(captioner.ours_decoder(features, "bf16"), eos)
     model.decoder.fast_inference = True
     plain_agreement = share_identical(plain_captions, fp32_decoder_captions)
+    overlapped_agreement = None
+    if overlapped_batches:
+        # the same images in every batch of the stream: each must get generate(pixel_values)'s ids
+        plain_ids = captioner.ours_end_to_end(pixel_values, args.dtype)
+        overlapped_ids = captioner.ours_overlapped(overlapped_batches, args.dtype)
+        overlapped_agreement = statistics.mean(
+            share_identical(rows_to_captions(ids, eos), rows_to_captions(plain_ids, eos))
+            for ids in overlapped_ids
+        )
     # Controls: how much of the bf16 disagreement is the model's sensitivity rather than the arithmetic.
     # bf16 autocast of the plain step; and a float32 decoder given features merely rounded to bf16.
     plain_bf16_agreement = share_identical(plain_bf16_captions, fp32_decoder_captions)
@@ -805,6 +857,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reference_vs_generate_fp32": reference_agreement,
         "reference_vs_generate_fp32_end_to_end": reference_e2e_agreement,
         "fast_vs_plain_fp32": plain_agreement,
+        "overlapped_vs_generate": overlapped_agreement,
         "bf16_vs_fp32_end_to_end": bf16_e2e_agreement,
         "bf16_vs_fp32_decoder": bf16_decoder_agreement,
         "plain_step_bf16_autocast_vs_fp32_decoder": plain_bf16_agreement,
@@ -906,6 +959,12 @@ def main(argv: list[str] | None = None) -> dict:
                    f"encoder-only {figure['encoder_small']:.1f} img/s; repetitions "
                    f"{spread(ratios['e2e_over_encoder_small'])}", ratio, f">= {target}",
                    ratio >= target)  # fmt: skip
+    if overlapped_batches:
+        ratio = figure["overlapped"] / figure["encoder"]
+        report.add(f"stream of {len(overlapped_batches)} batches, overlapped / encoder", figure["overlapped"],
+                   "img/s", f"encoder-only {figure['encoder']:.1f} img/s; repetitions "
+                   f"{spread(ratios['overlapped_over_encoder'])}", ratio, f">= {target}",
+                   ratio >= target)  # fmt: skip
     ratio = figure["decoder"] / figure["single"]
     batching_target = 2.5 if device.type == "cpu" else None
     report.add(f"decoder batching ({batch} vs 1 image)", figure["decoder"], "img/s",
@@ -933,6 +992,10 @@ def main(argv: list[str] | None = None) -> dict:
     fast_path = "fast inference (fused attention)" if args.fused_attention else "fast inference"
     report.add(f"{fast_path} = plain step (float32)", 100 * plain_agreement, "% images",
                f"{batch} images", None, "100%", plain_agreement == 1.0)  # fmt: skip
+    if overlapped_agreement is not None:
+        report.add(f"overlapped = generate() ({args.dtype})", 100 * overlapped_agreement, "% images",
+                   f"{len(overlapped_batches)} batches of {batch}", None, "100%",
+                   overlapped_agreement == 1.0)  # fmt: skip
     if peer_results is not None:
         ratio = peer_results["ratio"]
         report.add("peer: ours vs ViT-B/16 + GPT-2", peer_results["ours_images_per_s"], "img/s",

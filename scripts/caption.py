@@ -18,7 +18,8 @@ At scale: the images are split between the processes by Accelerate and decoded b
 (`--num-workers`); each process streams its rows to its own file in `FILE.jsonl.parts/` as it goes, and the
 main process merges them in input order at the end. Running the same command again skips the images that
 already have a caption (in FILE.jsonl or in the parts of a killed run) and retries those that failed.
-Memory holds one batch of images, plus the list of file names.
+Memory holds two batches of images (the next one is encoded while this one is decoded: on a GPU the
+two overlap, see `show_attend_tell.overlapped_generation`), plus the list of file names.
 
 A file that is not a usable image (empty, corrupt, truncated, not an image, above Pillow's decompression-bomb
 limit) is reported on one line naming the file and the reason; the others are captioned, and the exit status
@@ -49,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
 from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
+from show_attend_tell.overlapped_generation import generate_overlapped
 from show_attend_tell.pipeline_show_attend_tell import words_and_attention
 
 PROG = "caption.py"
@@ -479,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_workers=args.num_workers,
             collate_fn=collate,
             persistent_workers=False,
+            pin_memory=accelerator.device.type == "cuda",  # so that the copy to the GPU runs asynchronously
         )
         progress = tqdm(
             total=len(pending),
@@ -487,18 +490,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             desc="captioning",
             file=sys.stderr,
         )
-        with open(part_path, "a", encoding="utf-8") as part:
-            for batch in loader:
+        # The next batch is encoded while this one is decoded (on a GPU the two overlap).
+        batches = ((batch["pixel_values"], batch) for batch in loader)
+        with open(part_path, "a", encoding="utf-8") as part, torch.inference_mode(), accelerator.autocast():
+            for batch, generated in generate_overlapped(model, batches, **generate_kwargs):
                 lines = []
                 for _, key, message in batch["errors"]:
                     # Through tqdm, so the message gets a line of its own instead of joining the bar's.
                     progress.write(f"{PROG}: error: {message}", file=sys.stderr)
                     reason = message[len(key) + 2 :] if message.startswith(f"{key}: ") else message
                     lines.append({inputs.key_field: key, "error": reason})
-                if batch["pixel_values"] is not None:
-                    pixel_values = batch["pixel_values"].to(accelerator.device, model.dtype)
-                    with torch.no_grad(), accelerator.autocast():
-                        generated = model.generate(pixel_values=pixel_values, **generate_kwargs)
+                if generated is not None:
                     sequences = generated.sequences if args.visualize is not None else generated
                     captions = processor.batch_decode(sequences, skip_special_tokens=True)
                     for row, (key, caption) in enumerate(zip(batch["keys"], captions, strict=True)):

@@ -26,6 +26,7 @@ def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path, tiny_mo
     json_out = tmp_path / "bench_generate.json"
     command = [sys.executable, str(SCRIPT), "--quick", "--skip-peer", "--skip-memory", "--threads", "1"]
     command += ["--device", "cpu", "--json-out", str(json_out), "--trained-model", str(tmp_path / "trained")]
+    command += ["--overlap-batches", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -37,6 +38,9 @@ def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path, tiny_mo
     # fast inference path and the plain step
     assert exactness["reference_vs_generate_fp32"] == 1.0
     assert exactness["fast_vs_plain_fp32"] == 1.0
+    # a stream of batches through generate_overlapped gets each batch's generate(pixel_values) ids
+    assert exactness["overlapped_vs_generate"] == 1.0
+    assert "stream of 2 batches, overlapped / encoder" in completed.stdout
     # images whose search has ended are not decoded: never more rows than batch x beams
     assert 0 < exactness["decoded_row_steps_share"] <= 1.0
     assert result["settings"]["batch_size"] == 8 and result["settings"]["device"] == "cpu"

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+from show_attend_tell.overlapped_generation import generate_overlapped
 
 pytestmark = [
     pytest.mark.gpu,
@@ -160,6 +161,41 @@ def test_end_to_end_bf16_channels_last_on_the_gpu(model_pair):
     assert out.sequences.shape[0] == 4 and out.sequences.device.type == "cuda"
     maps = out.attention_maps
     torch.testing.assert_close(maps.sum(-1), torch.ones_like(maps.sum(-1)), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_overlapped_generation_on_the_gpu(model_pair, monkeypatch, bf16):
+    """Encoder on a stream of its own, decoding on a more urgent one: each batch's ids are generate()'s."""
+    _, gpu_model = model_pair
+    if bf16:
+        gpu_model = gpu_model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randn(size, 3, 64, 64, generator=generator).pin_memory() for size in (4, 3, 5)]
+    if bf16:
+        batches = [pixels.contiguous(memory_format=torch.channels_last) for pixels in batches]
+    kwargs = {"num_beams": 3, "max_new_tokens": 8}
+    streams = {"encoder": [], "generate": []}
+    encoder_forward, generate_ = gpu_model.encoder.forward, gpu_model.generate
+
+    def record(name, function):
+        def recorded(*args, **kw):
+            streams[name].append(torch.cuda.current_stream())
+            return function(*args, **kw)
+
+        return recorded
+
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        expected = [gpu_model.generate(pixel_values=pixels.cuda(), **kwargs) for pixels in batches]
+        monkeypatch.setattr(gpu_model.encoder, "forward", record("encoder", encoder_forward))
+        monkeypatch.setattr(gpu_model, "generate", record("generate", generate_))
+        results = list(generate_overlapped(gpu_model, ((p, i) for i, p in enumerate(batches)), **kwargs))
+    for (index, ids), want in zip(results, expected, strict=True):
+        assert ids.device.type == "cuda"
+        assert torch.equal(ids, want), f"batch {index}"
+    caller = torch.cuda.current_stream()
+    (encoding,), (decoding,) = set(streams["encoder"]), set(streams["generate"])
+    assert len({caller, encoding, decoding}) == 3
+    assert decoding.priority < encoding.priority  # lower is more urgent
 
 
 def test_training_gradients_on_the_gpu_equal_the_cpu(model_pair):

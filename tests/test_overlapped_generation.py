@@ -1,0 +1,68 @@
+"""`generate_overlapped`: a stream of batches gets exactly what `generate(pixel_values=...)` gives each batch."""
+
+from __future__ import annotations
+
+import torch
+
+from show_attend_tell.overlapped_generation import generate_overlapped
+
+GENERATE = {"num_beams": 3, "max_new_tokens": 8}
+
+
+def image_batches(sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 64, 64, generator=generator) for size in sizes]
+
+
+def test_each_batch_gets_the_ids_of_its_own_generate_call(tiny_model):
+    batches = image_batches([2, 3, 1, 2])
+    with torch.inference_mode():
+        expected = [tiny_model.generate(pixel_values=pixels, **GENERATE) for pixels in batches]
+        results = list(generate_overlapped(tiny_model, ((p, i) for i, p in enumerate(batches)), **GENERATE))
+    # the images are captioned differently, so a batch handed the wrong features would show
+    assert len({tuple(row.tolist()) for ids in expected for row in ids}) >= 4
+    assert [payload for payload, _ in results] == [0, 1, 2, 3]
+    for (_, ids), want in zip(results, expected, strict=True):
+        assert torch.equal(ids, want)
+
+
+def test_empty_batches_keep_their_place_and_the_stream_is_read_one_batch_ahead(tiny_model):
+    batches = [*image_batches([2]), None, *image_batches([1, 2], seed=1)]
+    read = []
+
+    def stream():
+        for index, pixels in enumerate(batches):
+            read.append(index)
+            yield pixels, f"batch {index}"
+
+    seen = []
+    with torch.inference_mode():
+        for payload, output in generate_overlapped(tiny_model, stream(), **GENERATE):
+            # the next batch is read (and encoded) before this one is decoded, and no further
+            seen.append((payload, output is None, len(read)))
+    assert seen == [
+        ("batch 0", False, 2),
+        ("batch 1", True, 3),
+        ("batch 2", False, 4),
+        ("batch 3", False, 4),
+    ]
+    assert list(generate_overlapped(tiny_model, iter([]), **GENERATE)) == []
+
+
+def test_attention_outputs_and_encoder_hidden_states_come_through(tiny_model):
+    (pixels,) = image_batches([2], seed=2)
+    kwargs = {
+        **GENERATE,
+        "output_attentions": True,
+        "output_hidden_states": True,
+        "return_dict_in_generate": True,
+    }
+    with torch.inference_mode():
+        expected = tiny_model.generate(pixel_values=pixels, **kwargs)
+        ((_, output),) = generate_overlapped(tiny_model, [(pixels, None)], **kwargs)
+    assert torch.equal(output.sequences, expected.sequences)
+    assert torch.equal(output.attention_maps, expected.attention_maps)
+    # the encoder ran with output_hidden_states, as generate(pixel_values=...) runs it
+    assert len(output.encoder_hidden_states) == len(expected.encoder_hidden_states) > 1
+    for got, want in zip(output.encoder_hidden_states, expected.encoder_hidden_states, strict=True):
+        assert torch.equal(got, want)
