@@ -32,6 +32,8 @@ from __future__ import annotations
 import re
 import shutil
 import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -82,6 +84,9 @@ _PACKED_BF16_PRODUCTS = (
 # two steps' reading of the copied features; fewer copies pay (measured on the CPU: each copy at 75%
 # cost more than its savings when few steps were left).
 ATTENDED_SHARE_TO_COMPACT = 0.5
+# Captured decoding steps (`ShowAttendTellDecoder.capture_steps`) kept per decoder: one per step shape
+# (rows, images, dtype), the least recently used dropped first.
+CAPTURED_STEPS_KEPT = 4
 
 # Per thread and model: which images of the running beam search are still searching (see
 # `ShowAttendTellForConditionalGeneration._check_early_stop_heuristic`).
@@ -701,6 +706,90 @@ class _InferenceWeights:
         return F.linear(inputs, weight, bias)
 
 
+class _CapturedStep:
+    """
+    One decoding step of a fixed shape, recorded once as a CUDA graph and replayed at every step
+    (`ShowAttendTellDecoder.capture_steps`): one launch instead of the step's few dozen kernels.
+
+    A graph reads and writes fixed addresses, so the step has buffers of its own: `run` copies the state,
+    the words and (for a new decoding) the image keys and features in, replays the graph, and returns copies
+    of its outputs, which the next replay overwrites. On other devices `run` computes the same step eagerly
+    on the same buffers: no faster, but the same path, so that it is tested wherever the tests run.
+    """
+
+    def __init__(
+        self,
+        decoder: ShowAttendTellDecoder,
+        weights: _InferenceWeights,
+        exact_logits: int,
+        input_ids: torch.LongTensor,
+        keys: torch.Tensor,
+        compute_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+    ) -> None:
+        # Ordinary tensors, not inference tensors: later calls may run outside `torch.inference_mode()`,
+        # where inference tensors cannot be written to.
+        self.weights = weights
+        with torch.inference_mode(False), torch.no_grad():
+            self.input_ids, self.hidden, self.cell = input_ids.clone(), hidden.clone(), cell.clone()
+            self.keys, self.features = keys.clone(), compute_features.clone()
+            self.keys_source = weakref.ref(keys)  # whose keys and features the buffers hold
+
+            def step() -> tuple[torch.Tensor, ...]:
+                with torch.autocast(keys.device.type, enabled=False):
+                    logits, alpha, new_hidden, new_cell, _ = decoder._inference_step(
+                        self.input_ids,
+                        self.keys,
+                        self.features,
+                        self.hidden,
+                        self.cell,
+                        weights,
+                        None,
+                        exact_logits,
+                    )
+                return logits, alpha, new_hidden, new_cell
+
+            self.step, self.graph = step, None
+            if keys.device.type == "cuda":
+                # Lazy initialisation (cuBLAS workspaces, compiled kernels) must happen before the capture,
+                # on a side stream as CUDA graphs require.
+                side = torch.cuda.Stream(keys.device)
+                side.wait_stream(torch.cuda.current_stream(keys.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        step()
+                torch.cuda.current_stream(keys.device).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.outputs = step()
+            else:
+                self.outputs = step()
+
+    def run(
+        self,
+        input_ids: torch.LongTensor,
+        keys: torch.Tensor,
+        compute_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step for these inputs: logits, alpha, hidden, cell (fresh tensors)."""
+        if self.keys_source() is not keys:  # another decoding used the buffers since
+            self.keys.copy_(keys)
+            self.features.copy_(compute_features)
+            self.keys_source = weakref.ref(keys)
+        self.input_ids.copy_(input_ids)
+        self.hidden.copy_(hidden)
+        self.cell.copy_(cell)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for output, value in zip(self.outputs, self.step(), strict=True):
+                output.copy_(value)
+        return tuple(output.clone() for output in self.outputs)
+
+
 class DecoderOutput(NamedTuple):
     """What `ShowAttendTellDecoder.forward` returns (see there for the shapes)."""
 
@@ -743,6 +832,14 @@ class ShowAttendTellDecoder(nn.Module):
     `(rows, num_pixels, attention_dim)` intermediate. The first `generate()` then compiles it (about 10 s
     on a CPU, which needs a C++ compiler; Triton on a GPU), and later steps' attention is several times
     faster: worth it when captioning many images.
+
+    `capture_steps = True` (off by default; for a CUDA device) records the inference step of each shape
+    once as a CUDA graph (`_CapturedStep`) and replays it at every later step of every decoding of that
+    shape: one launch instead of a few dozen small kernels, which is what a step costs on a GPU at moderate
+    batch sizes. Every row is then decoded at every step (beam search's finished images too, since the shape
+    is fixed); the ids are those of the step without it. Capturing costs two eager steps and the recording,
+    once per shape; buffers of the step's size stay allocated for the `CAPTURED_STEPS_KEPT` latest shapes.
+    On other devices it runs the same buffered step without a graph, which gains nothing.
     """
 
     def __init__(self, config: ShowAttendTellConfig) -> None:
@@ -758,7 +855,9 @@ class ShowAttendTellDecoder(nn.Module):
         self.gradient_checkpointing = False
         self.fast_inference = True
         self.fuse_attention_scores = False
+        self.capture_steps = False
         self._inference_weights_memo: tuple | None = None
+        self._captured_steps: OrderedDict[tuple, _CapturedStep] = OrderedDict()
 
     def initial_state(self, features: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, num_pixels, encoder_dim) -> hidden, cell of shape (images * rows_per_image, decoder_dim)."""
@@ -902,7 +1001,42 @@ class ShowAttendTellDecoder(nn.Module):
         # weights cannot be copied or pickled)
         state = super().__getstate__().copy()
         state["_inference_weights_memo"] = None
+        state["_captured_steps"] = OrderedDict()  # CUDA graphs cannot be copied either
         return state
+
+    def _captured_step(
+        self,
+        weights: _InferenceWeights,
+        exact_logits: int,
+        input_ids: torch.LongTensor,
+        keys: torch.Tensor,
+        compute_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+    ) -> _CapturedStep:
+        """The captured step of this shape, recorded on first use (see `capture_steps`)."""
+        key = (
+            input_ids.shape[0],
+            tuple(keys.shape),
+            tuple(compute_features.shape),
+            compute_features.dtype,
+            exact_logits,
+            self.fuse_attention_scores,
+            keys.device,
+        )
+        captured_steps = self._captured_steps
+        if any(captured.weights is not weights for captured in captured_steps.values()):
+            captured_steps.clear()  # the weights changed: the steps recorded with the old ones are of no use
+        captured = captured_steps.get(key)
+        if captured is None:
+            captured = _CapturedStep(
+                self, weights, exact_logits, input_ids, keys, compute_features, hidden, cell
+            )
+            captured_steps[key] = captured
+            while len(captured_steps) > CAPTURED_STEPS_KEPT:
+                captured_steps.popitem(last=False)
+        captured_steps.move_to_end(key)
+        return captured
 
     def compute_dtype(self, device_type: str) -> torch.dtype:
         """The dtype of the inference step's matrix products: autocast's when it is on, else the weights'."""
@@ -983,6 +1117,16 @@ class ShowAttendTellDecoder(nn.Module):
         hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), cache.scratch
         # beam search picks among the 2 x num_beams likeliest words of each row
         exact_logits = 2 * (rows_per_image or rows // keys.shape[0])
+        if self.capture_steps and steps == 1 and cache.seq_length > 0:  # every step after the first
+            captured = self._captured_step(
+                weights, exact_logits, input_ids[:, 0], keys, compute_features, hidden, cell
+            )
+            logits, alpha, hidden, cell = captured.run(input_ids[:, 0], keys, compute_features, hidden, cell)
+            new_cache = ShowAttendTellCache(
+                cache.features, keys, hidden, cell, cache.seq_length + 1, compute_features=compute_features
+            )
+            new_cache.scratch, new_cache.inference_weights = scratch, weights
+            return logits.unsqueeze(1), alpha.unsqueeze(1), hidden.unsqueeze(1), new_cache
         decoded_images = cache.images_to_decode(keys, compute_features) if steps == 1 else None
         if decoded_images is not None:
             with torch.autocast(device_type, enabled=False):
@@ -1464,7 +1608,9 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         )
         progress = _beam_search_progress.__dict__.setdefault("by_model", {})
         previous = progress.get(id(self))
-        progress[id(self)] = {"skip_finished_images": not per_step_outputs}
+        # a captured step has a fixed shape: it decodes every row
+        skip_finished_images = not per_step_outputs and not self.decoder.capture_steps
+        progress[id(self)] = {"skip_finished_images": skip_finished_images}
         try:
             outputs = super().generate(*args, **kwargs)
         finally:

@@ -198,6 +198,30 @@ def test_overlapped_generation_on_the_gpu(model_pair, monkeypatch, bf16):
     assert decoding.priority < encoding.priority  # lower is more urgent
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain-scores", "fused-scores"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_captured_steps_on_the_gpu_replay_a_cuda_graph_with_the_same_ids(model_pair, bf16, fused):
+    _, gpu_model = model_pair
+    features = on_gpu(unit_features(12, gpu_model.config, seed=6))
+    kwargs = {"num_beams": 4, "max_new_tokens": 10, "return_dict_in_generate": True, "output_scores": True}
+    gpu_model.decoder.fuse_attention_scores = fused
+    try:
+        plain = generate(gpu_model, features, bf16=bf16, **kwargs)
+        gpu_model.decoder.capture_steps = True
+        captured = generate(gpu_model, features, bf16=bf16, **kwargs)
+        again = generate(gpu_model, on_gpu(unit_features(12, gpu_model.config, seed=7)), bf16=bf16, **kwargs)
+    finally:
+        gpu_model.decoder.capture_steps = gpu_model.decoder.fuse_attention_scores = False
+    (step,) = gpu_model.decoder._captured_steps.values()
+    assert isinstance(step.graph, torch.cuda.CUDAGraph)
+    assert torch.equal(captured.sequences, plain.sequences)
+    torch.testing.assert_close(captured.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
+    # a second decoding of the same shape replays the same graph on its own images
+    other = generate(gpu_model, on_gpu(unit_features(12, gpu_model.config, seed=7)), bf16=bf16, **kwargs)
+    assert torch.equal(again.sequences, other.sequences)
+    assert not torch.equal(again.sequences, captured.sequences)
+
+
 def test_training_gradients_on_the_gpu_equal_the_cpu(model_pair):
     """The training forward (captions of different lengths, blocked attention scores) and its backward pass."""
     cpu_model, gpu_model = model_pair
