@@ -394,6 +394,7 @@ def rss_child(args) -> None:
     model.load_state_dict(torch.load(args.rss_child, weights_only=True, map_location="cpu"), assign=True)
     model = model.eval().to(device)
     model.decoder.fuse_attention_scores = args.fused_attention
+    model.decoder.capture_steps = args.capture_steps
     if args.dtype == "bf16":
         model = model.to(memory_format=torch.channels_last)
     pixel_values = make_images(args.rss_batch_size, seed=SEED + 1).to(device)
@@ -454,6 +455,7 @@ def measure_peak_rss(model, args) -> dict:
             "--max-new-tokens",
             str(args.max_new_tokens),
             *([] if args.fused_attention else ["--no-fused-attention"]),
+            *(["--capture-steps"] if args.capture_steps else []),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -619,6 +621,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours without `model.decoder.fuse_attention_scores` (the attention scores compiled into one kernel)",
     )
     parser.add_argument(
+        "--capture-steps",
+        action="store_true",
+        help="ours with `model.decoder.capture_steps` (each decoding step replayed from a CUDA graph on a GPU; "
+        "checked against the plain step like the other fast paths)",
+    )
+    parser.add_argument(
         "--trained-model",
         type=Path,
         default=None,
@@ -696,6 +704,7 @@ def main(argv: list[str] | None = None) -> dict:
         "reference_search": args.reference_search,
         "fused_attention": args.fused_attention,
         "overlap_batches": args.overlap_batches,
+        "capture_steps": args.capture_steps,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -706,6 +715,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"load average at start: {load_start[0]:.2f} (other processes on the machine slow every figure)")
     model = build_model(args.vocab_size).to(device)
     model.decoder.fuse_attention_scores = args.fused_attention
+    model.decoder.capture_steps = args.capture_steps
     fast_model = copy.deepcopy(model)
     if args.dtype == "bf16":
         fast_model = fast_model.to(memory_format=torch.channels_last)
@@ -989,7 +999,11 @@ def main(argv: list[str] | None = None) -> dict:
                f"{batch} images, decoder only; end to end, {args.reference_images} images: "
                f"{100 * reference_e2e_agreement:.0f}%", None, "100%",
                reference_agreement == 1.0)  # fmt: skip
-    fast_path = "fast inference (fused attention)" if args.fused_attention else "fast inference"
+    fast_path = "fast inference" + "".join(
+        f" ({name})"
+        for name, on in (("fused attention", args.fused_attention), ("captured", args.capture_steps))
+        if on
+    )
     report.add(f"{fast_path} = plain step (float32)", 100 * plain_agreement, "% images",
                f"{batch} images", None, "100%", plain_agreement == 1.0)  # fmt: skip
     if overlapped_agreement is not None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run: the GPU tests (generate in float32 and bf16, a bf16 training run),
-# then both benchmarks on the GPU. Results (logs and JSON, 8 files) go to $OUT, or ./gpu_results.
+# then both benchmarks on the GPU. Results (logs and JSON, 12 files) go to $OUT, or ./gpu_results.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, with the package importable
 #
@@ -21,13 +21,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu_tests.log"
 
 status=0
-timeout 120 python3 -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$out/gpu_tests.log" || status=1
+timeout 240 python3 -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$out/gpu_tests.log" || status=1
 timeout 200 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPEATS:-3}" ${GENERATE_OPTIONS:-} \
     --json-out "$out/bench_generate_gpu.json" 2>&1 | tee "$out/bench_generate_gpu.log" || status=1
 # the largest batch the issue names: the decoder's per-step overhead is spread over 4x more images
 timeout 150 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPEATS:-3}" --batch-size 1024 \
     --skip-peer --skip-memory --json-out "$out/bench_generate_gpu_1024.json" 2>&1 \
     | tee "$out/bench_generate_gpu_1024.log" || status=1
+# the same with each decoding step replayed from a CUDA graph (`--capture-steps`)
+for batch in 256 1024; do
+    timeout 150 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPEATS:-3}" --batch-size "$batch" \
+        --capture-steps --skip-peer --skip-memory --json-out "$out/bench_generate_gpu_captured_$batch.json" 2>&1 \
+        | tee "$out/bench_generate_gpu_captured_$batch.log" || status=1
+done
 timeout 100 python3 benchmarks/bench_train.py --device cuda --steps "${TRAIN_STEPS:-5}" --json-out "$out/bench_train_gpu.json" 2>&1 \
     | tee "$out/bench_train_gpu.log" || status=1
 exit $status

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
+from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor, set_decoding_options
 from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
 from show_attend_tell.overlapped_generation import generate_overlapped
 from show_attend_tell.pipeline_show_attend_tell import words_and_attention
@@ -367,6 +367,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="compile the attention scores into one kernel (torch.compile: about 10 s once, then faster)",
     )
+    parser.add_argument(
+        "--capture-steps",
+        action="store_true",
+        help="on a GPU, record each decoding step once as a CUDA graph and replay it (same captions; every row "
+        "is decoded to the end)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)  # images may come before and after the options
     if not args.images and not args.list and not args.dataset:
@@ -424,12 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_main:
             print(f"{PROG}: error: cannot load the model: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    if args.fuse_attention:
-        if not hasattr(model.decoder, "fuse_attention_scores"):
-            if is_main:
-                print(f"{PROG}: error: --fuse-attention: this model's code predates it", file=sys.stderr)
-            return 2
-        model.decoder.fuse_attention_scores = True
+    set_decoding_options(model, fuse_attention_scores=args.fuse_attention, capture_steps=args.capture_steps)
     try:
         inputs = collect_inputs(args)
     except (OSError, ValueError, ImportError) as error:  # ImportError: --dataset without `datasets`

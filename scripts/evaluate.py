@@ -159,6 +159,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="compile the attention scores into one kernel (torch.compile: about 10 s once, then faster)",
     )
+    decoding.add_argument(
+        "--capture-steps",
+        action="store_true",
+        help="on a GPU, record each decoding step once as a CUDA graph and replay it (same captions; every row "
+        "is decoded to the end)",
+    )
 
     scoring = parser.add_argument_group("scoring and output")
     scoring.add_argument(
@@ -687,10 +693,14 @@ def run(args: argparse.Namespace) -> int:
         if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise EvaluationError("--bf16: this GPU does not support bfloat16")
         model, processor = load_model(args.model, device)
-        if args.fuse_attention:
-            if not hasattr(model.decoder, "fuse_attention_scores"):
-                raise EvaluationError("--fuse-attention: this model's code predates it")
-            model.decoder.fuse_attention_scores = True
+        from show_attend_tell.hub import set_decoding_options
+
+        try:
+            set_decoding_options(
+                model, fuse_attention_scores=args.fuse_attention, capture_steps=args.capture_steps
+            )
+        except ValueError as error:
+            raise EvaluationError(f"--model {args.model}: {error}") from None
         print(f"model {args.model} on {device}{' (bf16 autocast)' if args.bf16 else ''}")
         by_beams, caption_timings = caption_split(model, processor, rows, args, device)
         captions = {f"beam_{beams}": texts for beams, texts in by_beams.items()}
@@ -745,6 +755,7 @@ def run(args: argparse.Namespace) -> int:
             "device": str(device) if device is not None else None,
             "bf16": args.bf16,
             "fuse_attention": args.fuse_attention,
+            "capture_steps": args.capture_steps,
             "metrics": args.metrics,
             "max_samples": args.max_samples,
             "data_dir": args.data_dir,

@@ -110,6 +110,24 @@ def load_model_and_processor(
     return model.eval(), processor
 
 
+def set_decoding_options(
+    model: Any, *, fuse_attention_scores: bool = False, capture_steps: bool = False
+) -> None:
+    """
+    Turns on the decoder's speed options (see `ShowAttendTellDecoder`: `fuse_attention_scores` compiles the
+    attention scores, `capture_steps` replays each decoding step from a CUDA graph) on a loaded model. A
+    model loaded with its folder's own code may predate an option: `ValueError` names it.
+    """
+    decoder = model.get_decoder()
+    for name, wanted in (("fuse_attention_scores", fuse_attention_scores), ("capture_steps", capture_steps)):
+        if wanted:
+            if not hasattr(decoder, name):
+                raise ValueError(
+                    f"this model's code predates `{name}` (save the model again with this package)"
+                )
+            setattr(decoder, name, True)
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation results and the model card
 # --------------------------------------------------------------------------------------------------

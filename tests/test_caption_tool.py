@@ -166,8 +166,9 @@ def test_captions_equal_generate_as_lines_json_and_jsonl(tmp_path, model_dir, ti
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"{path}\t{text}" for path, text in zip(paths, expected, strict=True)]
 
-    # the attention scores compiled into one kernel: the same captions
-    assert caption.main([*common, "--json", "--batch-size", "3", "--no-progress", "--fuse-attention"]) == 0
+    # the attention scores compiled into one kernel, each step replayed from its buffers: the same captions
+    options = ["--fuse-attention", "--capture-steps"]
+    assert caption.main([*common, "--json", "--batch-size", "3", "--no-progress", *options]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [{"path": str(p), "caption": t} for p, t in zip(paths, expected, strict=True)]
 

@@ -88,13 +88,14 @@ def test_model_run_writes_scores_captions_table_card_and_retrieval(
             "--model", model_dir, *data_args, "--split", "test", "--num-beams", "2", "1",
             "--batch-size", 3, "--num-workers", 1, "--max-new-tokens", 12, "--device", "auto",
             "--metrics", "bleu", "rouge", "cider", "--output", output, "--retrieval",
-            "--update-model-card", card, "--card-beams", "all", "--fuse-attention",
+            "--update-model-card", card, "--card-beams", "all", "--fuse-attention", "--capture-steps",
         ],
         capsys,
     )  # fmt: skip
     assert status == 0, err
     report = json.loads(output.read_text())
-    assert report["settings"]["fuse_attention"] is True  # the compiled scores: same captions, checked below
+    # the compiled scores and the captured steps: the same captions, checked below
+    assert report["settings"]["fuse_attention"] is True and report["settings"]["capture_steps"] is True
 
     assert report["dataset"] == "synthetic" and report["split"] == "test"
     assert report["num_images"] == NUM_IMAGES == len(split)
