@@ -84,9 +84,10 @@ _PACKED_BF16_PRODUCTS = (
 # two steps' reading of the copied features; fewer copies pay (measured on the CPU: each copy at 75%
 # cost more than its savings when few steps were left).
 ATTENDED_SHARE_TO_COMPACT = 0.5
-# Captured decoding steps (`ShowAttendTellDecoder.capture_steps`) kept per decoder: one per step shape
-# (rows, images, dtype), the least recently used dropped first.
-CAPTURED_STEPS_KEPT = 4
+# Captured decoding steps (`ShowAttendTellDecoder.capture_steps`) kept per decoder, one per step shape (rows,
+# images, dtype), the least recently used dropped first: a collection's full batches and its last one. Each
+# holds its own copy of the image features and keys and the step's outputs (about 1.6 GB at 1,024 images).
+CAPTURED_STEPS_KEPT = 2
 
 # Per thread and model: which images of the running beam search are still searching (see
 # `ShowAttendTellForConditionalGeneration._check_early_stop_heuristic`).

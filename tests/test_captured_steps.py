@@ -160,3 +160,13 @@ def test_new_weights_are_captured_again_and_copies_leave_the_steps_behind(model,
     assert torch.equal(
         generate(copied, features, captured=True, **kwargs), generate(copied, features, False, **kwargs)
     )
+
+
+def test_only_the_latest_shapes_keep_their_captured_steps(model, monkeypatch):
+    features = unit_features(3, model.config, seed=11)
+    made = count_captures(monkeypatch)
+    for beams in (2, 3, 4, 2):  # the step of 2 beams was dropped for the one of 4 and is recorded again
+        generate(model, features, captured=True, num_beams=beams, max_new_tokens=5)
+    assert len(made) == 4
+    rows = sorted(key[0] for key in model.decoder._captured_steps)
+    assert len(rows) == modeling.CAPTURED_STEPS_KEPT == 2 and rows == [3 * 2, 3 * 4]
