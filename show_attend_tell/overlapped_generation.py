@@ -45,6 +45,25 @@ def _used_on(value: Any, stream: torch.cuda.Stream | None) -> None:
                 tensor.record_stream(stream)
 
 
+def _checked(item: Any) -> tuple[torch.Tensor | None, Any]:
+    # A bare tensor would unpack into its first two images without complaint.
+    if isinstance(item, torch.Tensor) or not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(
+            f"generate_overlapped: each batch must be a (pixel_values, payload) pair, got {type(item).__name__}"
+        )
+    pixel_values = item[0]
+    if pixel_values is not None and not (isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4):
+        shape = (
+            tuple(pixel_values.shape)
+            if isinstance(pixel_values, torch.Tensor)
+            else type(pixel_values).__name__
+        )
+        raise TypeError(
+            f"generate_overlapped: pixel_values must be a tensor of shape (images, 3, height, width) or None, got {shape}"
+        )
+    return pixel_values, item[1]
+
+
 def generate_overlapped(
     model: Any,
     batches: Iterable[tuple[torch.Tensor | None, Payload]],
@@ -112,7 +131,8 @@ def generate_overlapped(
         return output
 
     waiting: tuple[Payload, BaseModelOutput | None] | None = None
-    for pixel_values, payload in batches:
+    for item in batches:
+        pixel_values, payload = _checked(item)
         encoded = (payload, encode(pixel_values))
         if waiting is not None:
             yield waiting[0], decode(waiting[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from show_attend_tell.overlapped_generation import generate_overlapped
@@ -66,3 +67,11 @@ def test_attention_outputs_and_encoder_hidden_states_come_through(tiny_model):
     assert len(output.encoder_hidden_states) == len(expected.encoder_hidden_states) > 1
     for got, want in zip(output.encoder_hidden_states, expected.encoder_hidden_states, strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_stream_of_bare_tensors_is_refused_with_a_clear_error(tiny_model):
+    (pixels,) = image_batches([2])
+    with pytest.raises(TypeError, match=r"\(pixel_values, payload\) pair, got Tensor"):
+        next(generate_overlapped(tiny_model, [pixels], **GENERATE))
+    with pytest.raises(TypeError, match=r"shape \(images, 3, height, width\) or None, got \(3, 64, 64\)"):
+        next(generate_overlapped(tiny_model, [(pixels[0], "one image")], **GENERATE))
