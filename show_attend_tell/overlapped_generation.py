@@ -45,6 +45,60 @@ def _used_on(value: Any, stream: torch.cuda.Stream | None) -> None:
                 tensor.record_stream(stream)
 
 
+class _InOrder:
+    """Devices without CUDA streams: the encoder and the decoder run one after the other."""
+
+    def encoding(self, pixel_values: torch.Tensor) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def encoded(self) -> None:
+        return None
+
+    def decoding(self, encoded: None, encoder_outputs: BaseModelOutput) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def decoded(self, output: Any) -> None:
+        pass
+
+
+class _CudaStreams:
+    """
+    The caller's stream, one that encodes and a more urgent one that decodes. Each batch's encoding ends with
+    an event that its decoding waits for: waiting for the encoding stream as a whole would also wait for the
+    next batch's encoder pass, queued behind it, and nothing would overlap.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.caller = torch.cuda.current_stream(device)
+        self.encoding_stream = torch.cuda.Stream(device)
+        self.decoding_stream = torch.cuda.Stream(device, priority=DECODING_STREAM_PRIORITY)
+
+    def encoding(self, pixel_values: torch.Tensor) -> contextlib.AbstractContextManager:
+        self.encoding_stream.wait_stream(self.caller)  # the caller may still be writing pixel_values
+        _used_on(pixel_values, self.encoding_stream)
+        return torch.cuda.stream(self.encoding_stream)
+
+    def encoded(self) -> torch.cuda.Event:
+        done = torch.cuda.Event()
+        done.record(self.encoding_stream)
+        return done
+
+    def decoding(
+        self, encoded: torch.cuda.Event, encoder_outputs: BaseModelOutput
+    ) -> contextlib.AbstractContextManager:
+        self.decoding_stream.wait_event(encoded)
+        _used_on(encoder_outputs, self.decoding_stream)
+        return torch.cuda.stream(self.decoding_stream)
+
+    def decoded(self, output: Any) -> None:
+        self.caller.wait_stream(self.decoding_stream)  # the outputs are read on the caller's stream
+        _used_on(output, self.caller)
+
+
+def _streams_for(device: torch.device) -> _InOrder | _CudaStreams:
+    return _CudaStreams(device) if device.type == "cuda" else _InOrder()
+
+
 def _checked(item: Any) -> tuple[torch.Tensor | None, Any]:
     # A bare tensor would unpack into its first two images without complaint.
     if isinstance(item, torch.Tensor) or not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -97,40 +151,26 @@ def generate_overlapped(
         for name in ("output_attentions", "output_hidden_states")
     }
     encoder = model.get_encoder()
-    if device.type == "cuda":
-        caller_stream = torch.cuda.current_stream(device)
-        encoding_stream = torch.cuda.Stream(device)
-        decoding_stream = torch.cuda.Stream(device, priority=DECODING_STREAM_PRIORITY)
-    else:
-        caller_stream = encoding_stream = decoding_stream = None
+    streams = _streams_for(device)
 
-    def on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-    def encode(pixel_values: torch.Tensor | None) -> BaseModelOutput | None:
+    def encode(pixel_values: torch.Tensor | None) -> tuple[BaseModelOutput, Any] | None:
         if pixel_values is None:
             return None
-        if encoding_stream is not None:
-            encoding_stream.wait_stream(caller_stream)  # the caller may still be writing pixel_values
-            _used_on(pixel_values, encoding_stream)
-        with on(encoding_stream):
+        with streams.encoding(pixel_values):
             pixel_values = pixel_values.to(device=device, dtype=model.dtype, non_blocking=True)
-            return encoder(pixel_values, return_dict=True, **encoder_kwargs)
+            encoder_outputs = encoder(pixel_values, return_dict=True, **encoder_kwargs)
+        return encoder_outputs, streams.encoded()
 
-    def decode(encoder_outputs: BaseModelOutput | None) -> Any:
-        if encoder_outputs is None:
+    def decode(encoded: tuple[BaseModelOutput, Any] | None) -> Any:
+        if encoded is None:
             return None
-        if decoding_stream is not None:
-            decoding_stream.wait_stream(encoding_stream)
-            _used_on(encoder_outputs, decoding_stream)
-        with on(decoding_stream):
+        encoder_outputs, done = encoded
+        with streams.decoding(done, encoder_outputs):
             output = model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
-        if decoding_stream is not None:
-            caller_stream.wait_stream(decoding_stream)
-            _used_on(output, caller_stream)
+        streams.decoded(output)
         return output
 
-    waiting: tuple[Payload, BaseModelOutput | None] | None = None
+    waiting: tuple[Payload, tuple[BaseModelOutput, Any] | None] | None = None
     for item in batches:
         pixel_values, payload = _checked(item)
         encoded = (payload, encode(pixel_values))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from show_attend_tell import overlapped_generation
 from show_attend_tell.overlapped_generation import generate_overlapped
 
 GENERATE = {"num_beams": 3, "max_new_tokens": 8}
@@ -75,3 +78,45 @@ def test_a_stream_of_bare_tensors_is_refused_with_a_clear_error(tiny_model):
         next(generate_overlapped(tiny_model, [pixels], **GENERATE))
     with pytest.raises(TypeError, match=r"shape \(images, 3, height, width\) or None, got \(3, 64, 64\)"):
         next(generate_overlapped(tiny_model, [(pixels[0], "one image")], **GENERATE))
+
+
+def test_each_decoding_waits_for_its_own_batchs_encoding_only(tiny_model, monkeypatch):
+    """The order of work on a GPU, with the stream bookkeeping recorded instead of done: batch k+1 is encoded
+    before batch k is decoded, and the decoding of batch k waits for the end of batch k's encoding (waiting
+    for the encoding stream as a whole would wait for batch k+1's too, and nothing would overlap)."""
+    log = []
+
+    class RecordingStreams:
+        encodings = 0
+
+        def encoding(self, pixel_values):
+            log.append(("encode", self.encodings))
+            return contextlib.nullcontext()
+
+        def encoded(self):
+            self.encodings += 1
+            return f"end of encoding {self.encodings - 1}"
+
+        def decoding(self, encoded, encoder_outputs):
+            log.append(("decode after", encoded))
+            return contextlib.nullcontext()
+
+        def decoded(self, output):
+            log.append(("caller waits", output.shape[0]))
+
+    monkeypatch.setattr(overlapped_generation, "_streams_for", lambda device: RecordingStreams())
+    batches = image_batches([2, 1, 3])
+    with torch.inference_mode():
+        results = list(generate_overlapped(tiny_model, [(p, i) for i, p in enumerate(batches)], **GENERATE))
+    assert [payload for payload, _ in results] == [0, 1, 2]
+    assert log == [
+        ("encode", 0),
+        ("encode", 1),
+        ("decode after", "end of encoding 0"),
+        ("caller waits", 2),
+        ("encode", 2),
+        ("decode after", "end of encoding 1"),
+        ("caller waits", 1),
+        ("decode after", "end of encoding 2"),
+        ("caller waits", 3),
+    ]
