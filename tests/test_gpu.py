@@ -170,9 +170,11 @@ def test_overlapped_generation_on_the_gpu(model_pair, monkeypatch, bf16):
     if bf16:
         gpu_model = gpu_model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(4)
-    batches = [torch.randn(size, 3, 64, 64, generator=generator).pin_memory() for size in (4, 3, 5)]
-    if bf16:
-        batches = [pixels.contiguous(memory_format=torch.channels_last) for pixels in batches]
+    layout = torch.channels_last if bf16 else torch.contiguous_format
+    batches = [
+        torch.randn(size, 3, 64, 64, generator=generator).contiguous(memory_format=layout).pin_memory()
+        for size in (4, 3, 5)
+    ]
     kwargs = {"num_beams": 3, "max_new_tokens": 8}
     streams = {"encoder": [], "generate": []}
     encoder_forward, generate_ = gpu_model.encoder.forward, gpu_model.generate
