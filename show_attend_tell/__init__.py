@@ -7,6 +7,7 @@ from .modeling_show_attend_tell import (
     ShowAttendTellForConditionalGeneration,
     convert_torchvision_resnet_state_dict,
 )
+from .overlapped_generation import generate_overlapped
 from .processing_show_attend_tell import ShowAttendTellProcessor
 from .registration import register_auto_classes
 from .tokenization_show_attend_tell import ShowAttendTellTokenizer
@@ -23,5 +24,6 @@ __all__ = [
     "ShowAttendTellProcessor",
     "ShowAttendTellTokenizer",
     "convert_torchvision_resnet_state_dict",
+    "generate_overlapped",
     "register_auto_classes",
 ]
