@@ -608,7 +608,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="also caption a stream of this many batches with `generate_overlapped` (the encoder of the next "
-        "batch runs while this one is decoded), against encoder-only (4 on a GPU; 0: not measured, the default "
+        "batch runs while this one is decoded), against encoder-only (8 on a GPU; 0: not measured, the default "
         "on a CPU, where the two run one after the other anyway)",
     )
     parser.add_argument("--rss-batch-size", type=int, default=32)
@@ -646,7 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.small_batch_size is None:
         args.small_batch_size = 16 if args.device == "cpu" else 0
     if args.overlap_batches is None:
-        args.overlap_batches = 4 if args.device == "cuda" else 0
+        args.overlap_batches = 8 if args.device == "cuda" else 0
     if args.trained_model is None and DEMO_MODEL.is_dir():
         args.trained_model = DEMO_MODEL
     if args.quick:
