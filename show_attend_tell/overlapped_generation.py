@@ -37,12 +37,11 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _used_on(value: Any, stream: torch.cuda.Stream | None) -> None:
+def _used_on(value: Any, stream: torch.cuda.Stream) -> None:
     """Tells the caching allocator that `stream` reads these tensors, so their memory outlives its work."""
-    if stream is not None:
-        for tensor in _tensors(value):
-            if tensor.device.type == "cuda":
-                tensor.record_stream(stream)
+    for tensor in _tensors(value):
+        if tensor.device.type == "cuda":
+            tensor.record_stream(stream)
 
 
 class _InOrder:
