@@ -119,13 +119,14 @@ def set_decoding_options(
     model loaded with its folder's own code may predate an option: `ValueError` names it.
     """
     decoder = model.get_decoder()
-    for name, wanted in (("fuse_attention_scores", fuse_attention_scores), ("capture_steps", capture_steps)):
-        if wanted:
-            if not hasattr(decoder, name):
-                raise ValueError(
-                    f"this model's code predates `{name}` (save the model again with this package)"
-                )
-            setattr(decoder, name, True)
+    options = {"fuse_attention_scores": fuse_attention_scores, "capture_steps": capture_steps}
+    wanted = [name for name, on in options.items() if on]
+    missing = [name for name in wanted if not hasattr(decoder, name)]
+    if missing:  # checked before setting anything, so that nothing is half set
+        names = " and ".join(f"`{name}`" for name in missing)
+        raise ValueError(f"this model's code predates {names} (save the model again with this package)")
+    for name in wanted:
+        setattr(decoder, name, True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+from show_attend_tell.hub import set_decoding_options
 
 pytestmark = pytest.mark.compat
 
@@ -170,3 +171,15 @@ def test_only_the_latest_shapes_keep_their_captured_steps(model, monkeypatch):
     assert len(made) == 4
     rows = sorted(key[0] for key in model.decoder._captured_steps)
     assert len(rows) == modeling.CAPTURED_STEPS_KEPT == 2 and rows == [3 * 2, 3 * 4]
+
+
+def test_decoding_options_are_set_on_a_loaded_model_or_refused_for_older_code(model):
+    set_decoding_options(model, capture_steps=True)
+    assert model.decoder.capture_steps and not model.decoder.fuse_attention_scores
+    model.decoder.capture_steps = False
+    del model.decoder.capture_steps  # a model whose folder's code predates the option
+    with pytest.raises(ValueError, match="predates `capture_steps`"):
+        set_decoding_options(model, fuse_attention_scores=True, capture_steps=True)
+    assert not model.decoder.fuse_attention_scores  # nothing is half set
+    set_decoding_options(model, fuse_attention_scores=True)  # what it has can still be turned on
+    assert model.decoder.fuse_attention_scores
