@@ -1005,7 +1005,7 @@ class ShowAttendTellDecoder(nn.Module):
         state["_captured_steps"] = OrderedDict()  # CUDA graphs cannot be copied either
         return state
 
-    def _captured_step(
+    def _run_captured_step(
         self,
         weights: _InferenceWeights,
         exact_logits: int,
@@ -1014,8 +1014,11 @@ class ShowAttendTellDecoder(nn.Module):
         compute_features: torch.Tensor,
         hidden: torch.Tensor,
         cell: torch.Tensor,
-    ) -> _CapturedStep:
-        """The captured step of this shape, recorded on first use (see `capture_steps`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        `_inference_step` through the captured step of this shape, recorded on first use (see
+        `capture_steps`): logits, alpha, hidden, cell.
+        """
         key = (
             input_ids.shape[0],
             tuple(keys.shape),
@@ -1037,7 +1040,7 @@ class ShowAttendTellDecoder(nn.Module):
             while len(captured_steps) > CAPTURED_STEPS_KEPT:
                 captured_steps.popitem(last=False)
         captured_steps.move_to_end(key)
-        return captured
+        return captured.run(input_ids, keys, compute_features, hidden, cell)
 
     def compute_dtype(self, device_type: str) -> torch.dtype:
         """The dtype of the inference step's matrix products: autocast's when it is on, else the weights'."""
@@ -1118,15 +1121,20 @@ class ShowAttendTellDecoder(nn.Module):
         hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), cache.scratch
         # beam search picks among the 2 x num_beams likeliest words of each row
         exact_logits = 2 * (rows_per_image or rows // keys.shape[0])
+
+        def next_cache(hidden, cell, consumed, scratch, decoded_images=None) -> ShowAttendTellCache:
+            """The state after `consumed` more words."""
+            state = ShowAttendTellCache(
+                cache.features, keys, hidden, cell, cache.seq_length + consumed, compute_features
+            )
+            state.scratch, state.decoded_images, state.inference_weights = scratch, decoded_images, weights
+            return state
+
         if self.capture_steps and steps == 1 and cache.seq_length > 0:  # every step after the first
-            captured = self._captured_step(
+            logits, alpha, hidden, cell = self._run_captured_step(
                 weights, exact_logits, input_ids[:, 0], keys, compute_features, hidden, cell
             )
-            logits, alpha, hidden, cell = captured.run(input_ids[:, 0], keys, compute_features, hidden, cell)
-            new_cache = ShowAttendTellCache(
-                cache.features, keys, hidden, cell, cache.seq_length + 1, compute_features=compute_features
-            )
-            new_cache.scratch, new_cache.inference_weights = scratch, weights
+            new_cache = next_cache(hidden, cell, 1, scratch)
             return logits.unsqueeze(1), alpha.unsqueeze(1), hidden.unsqueeze(1), new_cache
         decoded_images = cache.images_to_decode(keys, compute_features) if steps == 1 else None
         if decoded_images is not None:
@@ -1134,11 +1142,7 @@ class ShowAttendTellDecoder(nn.Module):
                 logits, alpha, hidden, cell, scratch = self._inference_step_for_images(
                     input_ids[:, 0], keys.shape[0], decoded_images, hidden, cell, weights, scratch
                 )
-            new_cache = ShowAttendTellCache(
-                cache.features, keys, hidden, cell, cache.seq_length + 1, compute_features=compute_features
-            )
-            new_cache.scratch, new_cache.decoded_images = scratch, decoded_images
-            new_cache.inference_weights = weights
+            new_cache = next_cache(hidden, cell, 1, scratch, decoded_images)
             return logits.unsqueeze(1), alpha.unsqueeze(1), hidden.unsqueeze(1), new_cache
         all_logits, all_alphas, all_hidden = [], [], []
         with torch.autocast(device_type, enabled=False):
@@ -1149,10 +1153,7 @@ class ShowAttendTellDecoder(nn.Module):
                 all_logits.append(logits)
                 all_alphas.append(alpha)
                 all_hidden.append(hidden)
-        new_cache = ShowAttendTellCache(
-            cache.features, keys, hidden, cell, cache.seq_length + steps, compute_features=compute_features
-        )
-        new_cache.scratch, new_cache.inference_weights = scratch, weights
+        new_cache = next_cache(hidden, cell, steps, scratch)
         if steps == 1:  # generate()'s steps: no copies
             return (
                 all_logits[0].unsqueeze(1),
