@@ -71,6 +71,22 @@ def sharpen_decoder(model: ShowAttendTellForConditionalGeneration, std: float = 
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
+def sharpened_tiny_model(
+    vocab_size: int, std: float = 0.6, seed: int = 0, end_bias: float = 0.0
+) -> ShowAttendTellForConditionalGeneration:
+    """
+    A tiny model in eval mode (built from seed 0) whose decoder is sharpened (`sharpen_decoder(model, std,
+    seed)`). `end_bias` raises `<end>`'s logit, so that captions end after varied numbers of words.
+    """
+    torch.manual_seed(0)
+    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=vocab_size)).eval()
+    sharpen_decoder(model, std=std, seed=seed)
+    if end_bias:
+        with torch.no_grad():
+            model.decoder.output_layer.bias[model.config.eos_token_id] += end_bias
+    return model
+
+
 def unit_features(images: int, config: ShowAttendTellConfig, seed: int = 0) -> BaseModelOutput:
     """Unit-scale image features (a random ResNet's are 1e4 or more and saturate the LSTM)."""
     generator = torch.Generator().manual_seed(seed)
@@ -97,10 +113,7 @@ def bf16_and_float32_logits(
 
 @pytest.fixture
 def tiny_model(tokenizer) -> ShowAttendTellForConditionalGeneration:
-    torch.manual_seed(0)
-    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=len(tokenizer)))
-    sharpen_decoder(model)
-    return model.eval()
+    return sharpened_tiny_model(len(tokenizer))
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import sharpen_decoder, unit_features
+from conftest import sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
-from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 from show_attend_tell.hub import set_decoding_options
 
 pytestmark = pytest.mark.compat
@@ -24,12 +23,7 @@ pytestmark = pytest.mark.compat
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=40)).eval()
-    sharpen_decoder(model, std=0.5, seed=3)
-    with torch.no_grad():
-        model.decoder.output_layer.bias[model.config.eos_token_id] += 2.0  # captions of varied lengths
-    return model
+    return sharpened_tiny_model(40, std=0.5, seed=3, end_bias=2.0)
 
 
 def generate(model, features: BaseModelOutput, captured: bool, bf16: bool = False, **kwargs):

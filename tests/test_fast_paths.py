@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import bf16_and_float32_logits, sharpen_decoder, unit_features
+from conftest import bf16_and_float32_logits, sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
@@ -30,11 +30,7 @@ def generate(model, features: BaseModelOutput, fast: bool = True, autocast: bool
 @pytest.fixture
 def wide_model():
     """A small model whose rows per image and grid make the attention run in several blocks when asked."""
-    torch.manual_seed(0)
-    config = ShowAttendTellConfig.tiny(vocab_size=40)
-    model = ShowAttendTellForConditionalGeneration(config).eval()
-    sharpen_decoder(model, std=0.5, seed=1)
-    return model
+    return sharpened_tiny_model(40, std=0.5, seed=1)
 
 
 @pytest.mark.parametrize(
@@ -131,12 +127,7 @@ def test_generate_with_blocked_attention_gives_the_same_ids(wide_model, monkeypa
 def ending_model():
     """A small model whose captions end after 1 to 12 words, so that images finish their search at different
     steps."""
-    torch.manual_seed(0)
-    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=40)).eval()
-    sharpen_decoder(model, std=0.5, seed=1)
-    with torch.no_grad():
-        model.decoder.output_layer.bias[model.config.eos_token_id] += 2.0
-    return model
+    return sharpened_tiny_model(40, std=0.5, seed=1, end_bias=2.0)
 
 
 def count_decoded_rows(model, monkeypatch) -> list[int]:
@@ -331,9 +322,7 @@ def test_bf16_beam_search_keeps_float32_captions_when_logits_are_large(monkeypat
     to reorder candidate captions. Here every logit is shifted by 20 (which changes nothing in float32): the
     bf16 step still gives float32's captions, because the candidates' logits are computed in float32.
     """
-    torch.manual_seed(0)
-    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=60)).eval()
-    sharpen_decoder(model, std=0.3, seed=1)
+    model = sharpened_tiny_model(60, std=0.3, seed=1)
     with torch.no_grad():
         model.decoder.output_layer.bias += 20.0
     features = unit_features(48, model.config, seed=3)

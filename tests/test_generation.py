@@ -7,10 +7,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import sharpen_decoder, unit_features
+from conftest import sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
-
-from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 
 pytestmark = pytest.mark.compat
 
@@ -46,11 +44,7 @@ def generated_tokens(sequence: torch.Tensor, eos: int) -> list[int]:
 @pytest.fixture
 def micro_model():
     """Six words (pad, start, end, unk and two more): small enough to enumerate every caption."""
-    torch.manual_seed(0)
-    config = ShowAttendTellConfig.tiny(vocab_size=6)
-    model = ShowAttendTellForConditionalGeneration(config).eval()
-    sharpen_decoder(model, std=0.8, seed=3)
-    return model
+    return sharpened_tiny_model(6, std=0.8, seed=3)
 
 
 def test_next_word_depends_on_earlier_words(micro_model):

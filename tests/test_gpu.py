@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import bf16_and_float32_logits, sharpen_decoder, unit_features
+from conftest import bf16_and_float32_logits, sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
 import show_attend_tell.modeling_show_attend_tell as modeling
-from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+from show_attend_tell import ShowAttendTellForConditionalGeneration
 from show_attend_tell.overlapped_generation import generate_overlapped
 
 pytestmark = [
@@ -50,9 +50,7 @@ def exact_float32():
 @pytest.fixture
 def model_pair():
     """The same sharpened tiny model on the CPU and on the GPU."""
-    torch.manual_seed(0)
-    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(vocab_size=40)).eval()
-    sharpen_decoder(model, std=0.5, seed=3)
+    model = sharpened_tiny_model(40, std=0.5, seed=3)
     return model, copy.deepcopy(model).cuda()
 
 
