@@ -246,18 +246,24 @@ class Captioner:
             "length_penalty": 0.0,
         }
 
-    def ours_end_to_end(self, pixel_values: torch.Tensor, dtype: str, **kwargs) -> torch.Tensor:
-        model = self.fast_model if dtype == "bf16" else self.model
+    def _model_and_layout(
+        self, dtype: str
+    ) -> tuple[ShowAttendTellForConditionalGeneration, torch.memory_format]:
+        """What runs the encoder at `dtype`: bf16 reads channels_last images with the channels_last model."""
         if dtype == "bf16":
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+            return self.fast_model, torch.channels_last
+        return self.model, torch.contiguous_format
+
+    def ours_end_to_end(self, pixel_values: torch.Tensor, dtype: str, **kwargs) -> torch.Tensor:
+        model, layout = self._model_and_layout(dtype)
+        pixel_values = pixel_values.contiguous(memory_format=layout)
         with torch.inference_mode(), precision(dtype, self.device):
             return model.generate(pixel_values=pixel_values, **self.generate_kwargs, **kwargs)
 
     def ours_overlapped(self, batches: list[torch.Tensor], dtype: str) -> list[torch.Tensor]:
         """A stream of batches, each batch's encoder pass overlapping the decoding of the one before."""
-        model = self.fast_model if dtype == "bf16" else self.model
-        if dtype == "bf16":
-            batches = [pixels.contiguous(memory_format=torch.channels_last) for pixels in batches]
+        model, layout = self._model_and_layout(dtype)
+        batches = [pixels.contiguous(memory_format=layout) for pixels in batches]
         with torch.inference_mode(), precision(dtype, self.device):
             stream = ((pixels, None) for pixels in batches)
             return [ids for _, ids in generate_overlapped(model, stream, **self.generate_kwargs)]
@@ -269,9 +275,8 @@ class Captioner:
             )
 
     def ours_encoder(self, pixel_values: torch.Tensor, dtype: str) -> torch.Tensor:
-        model = self.fast_model if dtype == "bf16" else self.model
-        if dtype == "bf16":
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        model, layout = self._model_and_layout(dtype)
+        pixel_values = pixel_values.contiguous(memory_format=layout)
         with torch.inference_mode(), precision(dtype, self.device):
             return model.encoder(pixel_values).last_hidden_state
 
