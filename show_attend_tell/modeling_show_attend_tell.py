@@ -729,9 +729,9 @@ class _CapturedStep:
         hidden: torch.Tensor,
         cell: torch.Tensor,
     ) -> None:
+        self.weights = weights
         # Ordinary tensors, not inference tensors: later calls may run outside `torch.inference_mode()`,
         # where inference tensors cannot be written to.
-        self.weights = weights
         with torch.inference_mode(False), torch.no_grad():
             self.input_ids, self.hidden, self.cell = input_ids.clone(), hidden.clone(), cell.clone()
             self.keys, self.features = keys.clone(), compute_features.clone()
