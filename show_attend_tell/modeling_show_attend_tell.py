@@ -1643,22 +1643,40 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
             progress["searching"] = searching
         return still_searching
 
-    @staticmethod
-    def _attention_maps_per_sequence(outputs: ModelOutput) -> torch.Tensor:
-        """Follows each returned sequence through generate()'s per-step attentions (beams via `beam_indices`)."""
+    def _attention_maps_per_sequence(self, outputs: ModelOutput) -> torch.Tensor:
+        """
+        Follows each returned sequence through generate()'s per-step attentions.
+
+        Returns `(num_sequences, generated_tokens, num_pixels)`, `generated_tokens = sequences.shape[1] - 1`:
+        row `t` is the attention of the step that produced the sequence's word `t + 1`, and zeros after
+        the sequence's `<end>` (padding). Beam search may run more steps than the longest returned
+        sequence has tokens (its search goes on after the winners ended); `beam_indices` has one
+        column per returned token, so only those steps are read.
+        """
         step_maps = [step_alpha[:, -1] for step_alpha in outputs.cross_attentions]  # (rows, num_pixels) each
         sequences = outputs.sequences
-        num_sequences, steps = sequences.shape[0], len(step_maps)
+        num_sequences, generated_tokens = sequences.shape[0], sequences.shape[1] - 1
         beam_indices = getattr(outputs, "beam_indices", None)
-        maps = step_maps[0].new_zeros(num_sequences, steps, step_maps[0].shape[-1])
-        for t, step_map in enumerate(step_maps):
+        maps = step_maps[0].new_zeros(num_sequences, generated_tokens, step_maps[0].shape[-1])
+        for t in range(min(generated_tokens, len(step_maps))):
             if beam_indices is not None:
                 rows = beam_indices[:, t].long()
                 present = rows >= 0
-                maps[present, t] = step_map[rows[present]]
+                maps[present, t] = step_maps[t][rows[present]]
             else:
-                maps[:, t] = step_map
-        return maps
+                maps[:, t] = step_maps[t]
+        return maps * self._generated_word_mask(sequences).unsqueeze(-1).to(maps.dtype)
+
+    def _generated_word_mask(self, sequences: torch.Tensor) -> torch.Tensor:
+        """`(num_sequences, generated_tokens)`: True for each generated word up to and including `<end>`."""
+        generated = sequences[:, 1:]
+        eos_ids = self.generation_config.eos_token_id
+        if eos_ids is None:
+            eos_ids = self.config.eos_token_id
+        eos_ids = torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids], device=sequences.device)
+        is_end = torch.isin(generated, eos_ids).long()
+        ends_before = is_end.cumsum(dim=1) - is_end  # how many <end> tokens come before each position
+        return ends_before == 0
 
 
 __all__ = [

@@ -8,6 +8,8 @@ import itertools
 import pytest
 import torch
 from conftest import sharpened_tiny_model, unit_features
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers.modeling_outputs import BaseModelOutput
 
 pytestmark = pytest.mark.compat
@@ -167,6 +169,30 @@ def test_generated_attentions_equal_teacher_forced_attentions(tiny_model, num_be
         torch.testing.assert_close(maps[row, :steps], forced[row, :steps], atol=1e-5, rtol=1e-4)
         assert torch.allclose(maps[row, :steps].sum(-1), torch.ones(steps), atol=1e-5)
         assert torch.all(maps[row, steps:] == 0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), num_beams=st.sampled_from([1, 3, 5]), end_bias=st.floats(0.0, 4.0))
+def test_attention_maps_of_single_pictures_whose_captions_end_early(tokenizer, seed, num_beams, end_bias):
+    """
+    One picture at a time, with captions that end at varied lengths: beam search often runs more steps than
+    its best caption has words (the search goes on after the winner ended), which once indexed past
+    `beam_indices`. Each word gets one map that sums to 1; nothing after `<end>`.
+    """
+    model = sharpened_tiny_model(len(tokenizer), end_bias=end_bias)
+    features = unit_features(1, model.config, seed=seed)
+    out = model.generate(
+        encoder_outputs=features,
+        num_beams=num_beams,
+        max_new_tokens=10,
+        output_attentions=True,
+        return_dict_in_generate=True,
+    )
+    words = len(generated_tokens(out.sequences[0], model.config.eos_token_id))
+    maps = out.attention_maps[0]
+    assert maps.shape == (out.sequences.shape[1] - 1, model.config.num_pixels)
+    assert torch.allclose(maps[:words].sum(-1), torch.ones(words), atol=1e-5)
+    assert torch.all(maps[words:] == 0)
 
 
 def test_encoder_and_feature_projection_run_once_per_image(tiny_model):
