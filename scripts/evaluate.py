@@ -499,7 +499,9 @@ def read_predictions(
         rows = whole["predictions"][entry]
         entries = [(f"{path}: predictions.{entry} entry {n}", value) for n, value in enumerate(rows, start=1)]
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
+        # JSON lines are separated by "\n" only: str.splitlines() would also cut at U+2028, U+0085 and
+        # the other Unicode line breaks, which JSON strings may hold unescaped.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

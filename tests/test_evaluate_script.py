@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 from show_attend_tell.hub import normalize_eval_results
@@ -240,6 +242,51 @@ def test_predictions_file_errors_name_the_line(tmp_path, data_args, split, capsy
     status, _, err = run(["--predictions", path, *data_args, "--metrics", "bleu"], capsys)
     assert status == 2
     assert "evaluate.py: error:" in err and message in err, err
+
+
+# Unicode line breaks that str.splitlines() cuts at but JSON lets a string hold unescaped.
+UNICODE_LINE_BREAKS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+
+
+def test_predictions_with_unicode_line_breaks_in_captions(tmp_path, data_args, split, capsys):
+    # Each caption is its image's first reference with one space replaced by a Unicode line break, written
+    # unescaped (ensure_ascii=False, as most JSON writers do); the break is whitespace, so BLEU-4 stays 1.
+    rows = perfect_rows(split)
+    for number, row in enumerate(rows):
+        row["caption"] = row["caption"].replace(" ", UNICODE_LINE_BREAKS[number % 3], 1)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8") and "\u0085" in path.read_text(encoding="utf-8")
+    output = tmp_path / "out.json"
+    status, _, err = run(["--predictions", path, *data_args, "--metrics", "bleu", "--output", output], capsys)
+    assert status == 0, err
+    report = json.loads(output.read_text())
+    assert report["results"]["predictions"]["bleu_4"] == pytest.approx(1.0)
+    assert [r["caption"] for r in report["predictions"]["predictions"]] == [r[0] for r in split["captions"]]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    captions=st.lists(
+        st.text(alphabet=st.one_of(st.characters(), st.sampled_from(UNICODE_LINE_BREAKS))),
+        min_size=1,
+        max_size=5,
+    ),
+    ascii_only=st.booleans(),
+    line_end=st.sampled_from(["\n", "\r\n"]),
+)
+def test_predictions_file_keeps_any_unicode_caption(tmp_path, captions, ascii_only, line_end):
+    # Any caption a JSON writer can write is read back (whitespace runs, line breaks included, become
+    # one space: a newline in a hypothesis makes METEOR wait forever).
+    references = {f"image-{n}": ["a reference"] for n in range(len(captions))}
+    lines = [
+        json.dumps({"image_id": image_id, "caption": caption}, ensure_ascii=ascii_only)
+        for image_id, caption in zip(references, captions, strict=True)
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_bytes((line_end.join(lines) + line_end).encode("utf-8"))
+    read = evaluate_script.read_predictions(path, references, "the split")
+    assert read == [" ".join(caption.split()) for caption in captions]
 
 
 def test_predictions_update_the_model_card(tmp_path, data_args, split, capsys):
