@@ -403,6 +403,24 @@ def test_karpathy_unknown_split_and_bad_format(tmp_path: Path) -> None:
         load_caption_dataset(bad, image_dir=tmp_path / "images")
 
 
+def test_karpathy_image_without_captions_is_kept_with_none(tmp_path: Path) -> None:
+    # One image's captions are all empty: the dataset still loads (training skips and counts that row).
+    path = write_karpathy(tmp_path, ["train", "train", "val", "test"])
+    document = json.loads(path.read_text())
+    document["images"][1]["sentences"] = [{"raw": "", "tokens": []}, {"raw": "   "}, {"tokens": []}]
+    document["images"][3]["sentences"] = []
+    path.write_text(json.dumps(document))
+    data = load_caption_dataset(path)
+    assert data["train"]["image_id"] == ["0", "1"]
+    assert data["train"]["captions"][1] == [] and len(data["train"]["captions"][0]) == 5
+    assert data["test"]["captions"] == [[]]
+    # A sentence with neither 'raw' nor 'tokens' is not Karpathy's format: that stays an error.
+    document["images"][0]["sentences"] = [{"text": "a caption under another key"}]
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"'2000\.jpg' has a sentence without 'raw' or 'tokens'"):
+        load_caption_dataset(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Local parquet and image folders
 

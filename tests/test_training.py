@@ -618,6 +618,39 @@ def test_bad_rows_are_skipped_and_counted(
     assert "3 undecodable images" in output_text.out + output_text.err
 
 
+def karpathy_dataset(folder: Path, rows: list[dict], validation: list[dict]) -> Path:
+    """Writes rows {"image": bytes, "captions": [...], "image_id": str} as a Karpathy split JSON + images/."""
+    (folder / "images").mkdir(parents=True)
+    entries = []
+    for split, items in (("train", rows), ("val", validation)):
+        for item in items:
+            filename = f"{item['image_id']}.png"
+            (folder / "images" / filename).write_bytes(item["image"])
+            sentences = [{"raw": caption, "tokens": caption.split()} for caption in item["captions"]]
+            entries.append(
+                {"filename": filename, "imgid": item["image_id"], "split": split, "sentences": sentences}
+            )
+    path = folder / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
+    return path
+
+
+def test_karpathy_image_whose_captions_are_all_empty_is_skipped_and_counted(
+    tmp_path: Path, data_cache: Path, train_script, capsys
+) -> None:
+    rows = synthetic_rows(data_cache)
+    rows[6]["captions"] = ["", "  ", "", "", ""]
+    path = karpathy_dataset(tmp_path / "data", rows, synthetic_rows(data_cache, "validation"))
+    output = tmp_path / "run"
+    assert train_script.main(parquet_args(path, output, "--epochs 1 --checkpoint-steps 0")) == 0
+    data_report = read_metrics(output)["data"]
+    assert data_report["train_rows"] == 40 and data_report["skipped_empty_captions"] == 1
+    assert data_report["empty_caption_ids"] == [rows[6]["image_id"]]
+    printed = capsys.readouterr()
+    assert "39 of 40 train rows usable, 1 without captions skipped" in printed.out
+    assert "skipped rows: 1 without captions" in printed.out  # the closing summary counts it too
+
+
 @pytest.mark.parametrize("check_images", ["200", "0"], ids=["found-up-front", "found-while-training"])
 def test_mostly_bad_images_stop_with_a_clear_error(
     tmp_path: Path, data_cache: Path, train_script, capsys, check_images: str

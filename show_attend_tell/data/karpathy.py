@@ -11,7 +11,8 @@ COCO's version adds ``filepath`` (``train2014`` / ``val2014``), a sub-folder of 
 Splits are ``train`` / ``val`` / ``test`` / ``restval``; ``restval`` images are trained on, as in
 Karpathy's own code and the usual "Karpathy split" numbers. Captions are the ``raw`` sentences
 (stripped), or the joined ``tokens`` when ``raw`` is absent; the tokenizer normalises case and
-punctuation later. ``image_id`` is ``imgid``, the same value as ``img_id`` in the hub's Flickr30K.
+punctuation later. An image whose captions are all empty is kept with ``captions == []``: training skips
+and counts such rows (``check_training_rows``). ``image_id`` is ``imgid``, the same value as ``img_id`` in the hub's Flickr30K.
 """
 
 from __future__ import annotations
@@ -27,15 +28,23 @@ from .common import CAPTION_FEATURES, SPLITS, canonical_split, resolve_requested
 
 
 def _captions(entry: dict, where: str) -> list[str]:
+    """The non-empty captions of an entry; [] when they are all empty (the row is kept: training skips and
+    counts rows without captions instead of refusing the whole dataset for one of them)."""
+    sentences = entry.get("sentences", [])
+    if not isinstance(sentences, list):
+        raise ValueError(f"{where}: image {entry.get('filename')!r}: 'sentences' is not a list.")
     captions = []
-    for sentence in entry.get("sentences", []):
+    for sentence in sentences:
+        if not isinstance(sentence, dict) or ("raw" not in sentence and "tokens" not in sentence):
+            raise ValueError(
+                f"{where}: image {entry.get('filename')!r} has a sentence without 'raw' or 'tokens': "
+                f"{sentence!r:.80}"
+            )
         text = sentence.get("raw")
         if text is None and sentence.get("tokens"):
-            text = " ".join(sentence["tokens"])
-        if text is not None and text.strip():
+            text = " ".join(str(token) for token in sentence["tokens"])
+        if isinstance(text, str) and text.strip():
             captions.append(text.strip())
-    if not captions:
-        raise ValueError(f"{where}: image {entry.get('filename')!r} has no sentences with 'raw' or 'tokens'.")
     return captions
 
 
@@ -62,7 +71,8 @@ def load_karpathy_json(
     Raises:
         FileNotFoundError: the JSON or the image folder is missing, or images listed in the JSON
             are; the message names the first missing image and how many are missing.
-        ValueError: the JSON is not in Karpathy's format, or has an unknown split name.
+        ValueError: the JSON is not in Karpathy's format, or has an unknown split name. (Empty captions
+            are not an error: such an image gets ``captions == []``.)
     """
     json_path = Path(json_path).expanduser()
     if not json_path.is_file():
