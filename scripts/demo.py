@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_seconds = time.monotonic() - eval_started
     print(
         f"[3/5] test split ({len(images)} pictures, beam {args.num_beams}, {eval_seconds:.0f} s): "
-        + ", ".join(f"{name} {value:.3f}" for name, value in scores.items())
+        + ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
     )
 
     # ---------------------------------------------------------------- 4. localisation
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     bleu_ok = scores["bleu_4"] >= BLEU_4_TARGET
     localisation_ok = localisation.ratio >= LOCALISATION_TARGET
     print()
-    print(f"test BLEU-4 {scores['bleu_4']:.3f} (target >= {BLEU_4_TARGET}): {'met' if bleu_ok else 'MISSED'}")
+    print(f"test BLEU-4 {scores['bleu_4']:.4f} (target >= {BLEU_4_TARGET}): {'met' if bleu_ok else 'MISSED'}")
     print(
         f"attention localisation {localisation.share:.1%} vs chance {localisation.chance:.1%} = "
         f"{localisation.ratio:.1f} x (target >= {LOCALISATION_TARGET:g} x): "

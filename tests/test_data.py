@@ -29,7 +29,7 @@ from show_attend_tell.data import (
     write_parquet,
 )
 from show_attend_tell.data.common import list_feature
-from show_attend_tell.data.synthetic import relation, synthetic_cache_path
+from show_attend_tell.data.synthetic import SYNTHETIC_VERSION, relation, synthetic_cache_path
 
 # ---------------------------------------------------------------------------------------------
 # Helpers and fixtures
@@ -166,7 +166,7 @@ def test_synthetic_cache_is_reused(tmp_path: Path) -> None:
     path = synthetic_cache_path(
         tmp_path, sizes={"train": 5, "validation": 2, "test": 2}, image_size=64, seed=0
     )
-    assert path.is_dir() and "v1" in path.name
+    assert path.is_dir() and f"v{SYNTHETIC_VERSION}-" in path.name
     # Generation is not repeated: a marker file in the cache folder survives the second call.
     (path / "marker").write_text("kept")
     second = make_synthetic_dataset(5, 2, 2, seed=0, cache_dir=tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,17 @@ def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "test BLEU-4" in printed and "attention localisation" in printed and "x chance" in printed
+    # No noise: the synthetic data is written without progress bars, and scores never in 6.58e-11 form.
+    assert "Saving the dataset" not in printed + captured.err
+    score_lines = [
+        line for line in (printed + captured.err).splitlines() if "BLEU" in line or "[3/5]" in line
+    ]
+    assert len(score_lines) >= 3  # the training's validation lines, the test scores, the closing summary
+    assert not [line for line in score_lines if re.search(r"\d(?:\.\d+)?e[-+]\d+", line)]
+    assert re.search(r"test BLEU-4 \d\.\d{4} \(target", printed)
     results = json.loads((output / "demo_results.json").read_text())
     assert 0.0 <= results["test"]["bleu_4"] <= 1.0
     assert 0.0 <= results["localisation"]["share"] <= 1.0 and 0.0 <= results["localisation"]["chance"] < 1.0

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Image, Value, load_from_disk
+import pyarrow as pa
+from datasets import Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
@@ -59,8 +60,9 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
 #: Side of each size class as a fraction of the image side.
 SIZE_FRACTION: dict[str, float] = {"small": 0.2, "large": 0.36}
 
-#: Bump when the pictures or captions change, so stale caches are not reused.
-SYNTHETIC_VERSION = 1
+#: Bump when the pictures, captions or the cache's file layout change, so stale caches are not reused.
+#: (2: one Arrow file per split instead of `save_to_disk`, which printed progress bars on every run.)
+SYNTHETIC_VERSION = 2
 #: Default split sizes: enough for a small model to learn the task in a ~3-minute CPU demo.
 SYNTHETIC_DEFAULT_SIZES: dict[str, int] = {"train": 4000, "validation": 250, "test": 250}
 #: Default image side in pixels (the demo's size; 256 also works).
@@ -310,6 +312,25 @@ def _generate_split(seed: int, split: str, count: int, image_size: int) -> Datas
     return Dataset.from_dict(columns, features=SYNTHETIC_FEATURES)
 
 
+def _write_arrow_files(dataset: DatasetDict, folder: Path) -> None:
+    """One Arrow stream file per split, `<split>.arrow`, the features in its schema (what `Dataset.from_file`
+    reads back). Written directly rather than with `save_to_disk`, which draws a progress bar per split."""
+    folder.mkdir()
+    for name, split in dataset.items():
+        schema = split.features.arrow_schema
+        with (
+            pa.OSFile(str(folder / f"{name}.arrow"), "wb") as sink,
+            pa.ipc.new_stream(sink, schema) as writer,
+        ):
+            for table in split.with_format("arrow").iter(batch_size=256):
+                writer.write_table(table.cast(schema))
+
+
+def _read_arrow_files(folder: Path) -> DatasetDict:
+    """The splits written by `_write_arrow_files`, memory-mapped."""
+    return DatasetDict({name: Dataset.from_file(str(folder / f"{name}.arrow")) for name in SPLITS})
+
+
 def synthetic_cache_path(
     cache_dir: str | os.PathLike | None, *, sizes: dict[str, int], image_size: int, seed: int
 ) -> Path:
@@ -361,8 +382,8 @@ def make_synthetic_dataset(
     stale = False
     if path.is_dir():
         try:
-            cached = load_from_disk(str(path))
-            if isinstance(cached, DatasetDict) and {n: len(cached.get(n, ())) for n in SPLITS} == sizes:
+            cached = _read_arrow_files(path)
+            if {n: len(cached[n]) for n in SPLITS} == sizes:
                 return cached
         except (OSError, ValueError):
             pass
@@ -371,8 +392,7 @@ def make_synthetic_dataset(
     # Write next to the target and rename, so a concurrent reader never sees a partial folder.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    # An empty split saved with the default (zero) shards cannot be loaded back: give it one.
-    dataset.save_to_disk(str(tmp), num_shards={name: 1 for name in SPLITS if sizes[name] == 0} or None)
+    _write_arrow_files(dataset, tmp)
     if stale:
         shutil.rmtree(path, ignore_errors=True)
     try:
@@ -380,4 +400,4 @@ def make_synthetic_dataset(
     except OSError:
         # Another process finished first; its copy is identical, keep it.
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_from_disk(str(path))
+    return _read_arrow_files(path)
