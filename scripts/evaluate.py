@@ -253,7 +253,7 @@ def parse_dataset_options(items: Sequence[str]) -> dict[str, Any]:
 
 def load_split(args: argparse.Namespace) -> Any:
     """The requested split as a `datasets.Dataset` with image, captions and image_id."""
-    from show_attend_tell.data import canonical_split, load_caption_dataset
+    from show_attend_tell.data import DatasetDownloadError, canonical_split, load_caption_dataset
 
     try:
         split = canonical_split(args.split)
@@ -275,6 +275,8 @@ def load_split(args: argparse.Namespace) -> Any:
             max_samples_per_split=args.max_samples,
             **options,
         )
+    except DatasetDownloadError as error:  # no network: say how to get the files, in this script's options
+        raise EvaluationError(f"--dataset {args.dataset}: {error.command_line_message()}") from None
     except (ValueError, FileNotFoundError) as error:
         raise EvaluationError(f"--dataset {args.dataset}: {error}") from None
     rows = dataset[split]

@@ -60,7 +60,7 @@ from show_attend_tell import (
     ShowAttendTellProcessor,
     ShowAttendTellTokenizer,
 )
-from show_attend_tell.data import load_caption_dataset
+from show_attend_tell.data import DatasetDownloadError, load_caption_dataset
 from show_attend_tell.saving import save_model_folder
 from show_attend_tell.training import (
     MODEL_SIZES,
@@ -276,6 +276,8 @@ def load_splits(args: argparse.Namespace, validate: bool):
             splits=splits,
             **args.dataset_options,
         )
+    except DatasetDownloadError as error:  # no network: say how to get the files, in this script's options
+        raise DataError(f"cannot load --dataset {args.dataset}: {error.command_line_message()}") from None
     except (ValueError, FileNotFoundError, TypeError) as error:
         raise DataError(f"cannot load --dataset {args.dataset}: {error}") from None
     train_split = dataset[args.train_split]
@@ -827,10 +829,11 @@ def train(args: argparse.Namespace) -> int:
     if len(set(gather_object([checksum]))) != 1:
         raise TrainingError("the processes ended with different weights")
     data = metrics()["data"]
+    best = "none (no validation)" if state["best_bleu_4"] is None else f"{state['best_bleu_4']:.4f}"
     log(
         accelerator,
         f"done ({stop_reason}): {state['global_step']} steps, {state['images_seen']} images in "
-        f"{state['train_seconds']:.0f} s; best validation BLEU-4 {state['best_bleu_4']}; skipped rows: "
+        f"{state['train_seconds']:.0f} s; best validation BLEU-4 {best}; skipped rows: "
         f"{data['skipped_empty_captions']} without captions, {data['skipped_undecodable_images']} undecodable "
         f"images\nmodel folder: {model_dir}\nmetrics: {output_dir / 'metrics.json'}",
     )

@@ -157,3 +157,50 @@ def run_check_script(
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(result_path.read_text())
+
+
+def write_flickr30k_hub_folder(folder: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """
+    Writes rows {"image": PNG bytes, "captions": [...], "image_id": str, "split": "train"/"val"/"test"} into
+    `folder` laid out like `hf download nlphuji/flickr30k --repo-type dataset --revision refs/convert/parquet
+    --local-dir folder`: nlphuji's columns in TEST/test/000N.parquet (two shards), plus the .gitattributes and
+    the .cache/huggingface/ metadata that `hf download` leaves there.
+    """
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    from show_attend_tell.data.common import list_feature
+
+    features = Features(
+        {
+            "image": ImageFeature(),
+            "caption": list_feature(Value("string")),
+            "sentids": list_feature(Value("string")),
+            "split": Value("string"),
+            "img_id": Value("string"),
+            "filename": Value("string"),
+        }
+    )
+    table = Dataset.from_dict(
+        {
+            "image": [{"bytes": row["image"], "path": None} for row in rows],
+            "caption": [list(row["captions"]) for row in rows],
+            "sentids": [[f"{n}-{k}" for k in range(len(row["captions"]))] for n, row in enumerate(rows)],
+            "split": [row["split"] for row in rows],
+            "img_id": [row["image_id"] for row in rows],
+            "filename": [f"{row['image_id']}.jpg" for row in rows],
+        },
+        features=features,
+    )
+    shards = folder / "TEST" / "test"
+    shards.mkdir(parents=True)
+    half = len(rows) // 2
+    table.select(range(half)).to_parquet(str(shards / "0000.parquet"))
+    table.select(range(half, len(rows))).to_parquet(str(shards / "0001.parquet"))
+    (folder / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    metadata = folder / ".cache" / "huggingface" / "download" / "TEST" / "test"
+    metadata.mkdir(parents=True)
+    for shard in ("0000", "0001"):
+        (metadata / f"{shard}.parquet.metadata").write_text("0123abcd\n4567ef\n1700000000.0\n")
+    (folder / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+    return folder

@@ -22,6 +22,7 @@ from show_attend_tell.data import (
     SHAPES,
     SIZES,
     SPLITS,
+    DatasetDownloadError,
     flickr30k_to_caption_dataset,
     load_caption_dataset,
     load_flickr30k,
@@ -345,6 +346,36 @@ def test_flickr30k_hub_offline_error_says_what_to_do(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="data_dir"):
         load_flickr30k(cache_dir=tmp_path)
+
+
+def test_flickr30k_download_errors_say_how_to_work_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from datasets.exceptions import DatasetNotFoundError
+
+    import show_attend_tell.data.flickr30k as flickr30k
+
+    failure: Exception = DatasetNotFoundError("Revision 'refs/convert/parquet' doesn't exist")
+
+    def failing_load_dataset(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(flickr30k, "load_dataset", failing_load_dataset)
+    with pytest.raises(DatasetDownloadError) as caught:  # a ConnectionError, as before
+        load_flickr30k(cache_dir=tmp_path)
+    assert isinstance(caught.value, ConnectionError) and caught.value.__cause__ is failure
+    download = (
+        "hf download nlphuji/flickr30k --repo-type dataset --revision refs/convert/parquet --local-dir DIR"
+    )
+    assert download in str(caught.value) and "data_dir=DIR" in str(caught.value)  # Python's words
+    assert download in caught.value.command_line_message()
+    assert "--data-dir DIR" in caught.value.command_line_message()  # the scripts' words
+    assert "data_dir=" not in caught.value.command_line_message()
+    # A local folder's own problem is not a network problem: it keeps its message.
+    failure = FileNotFoundError("no data files in the folder")
+    with pytest.raises(FileNotFoundError, match="no data files") as caught:
+        load_caption_dataset("flickr30k", data_dir=tmp_path)
+    assert not isinstance(caught.value, DatasetDownloadError)
 
 
 def test_flickr30k_schema_detected_in_local_parquet(tmp_path: Path) -> None:

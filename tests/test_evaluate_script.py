@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import yaml
+from conftest import write_flickr30k_hub_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
@@ -242,6 +244,42 @@ def test_predictions_file_errors_name_the_line(tmp_path, data_args, split, capsy
     status, _, err = run(["--predictions", path, *data_args, "--metrics", "bleu"], capsys)
     assert status == 2
     assert "evaluate.py: error:" in err and message in err, err
+
+
+def test_flickr30k_from_a_downloaded_folder_and_offline(tmp_path, split, capsys, monkeypatch):
+    # --data-dir: the folder `hf download nlphuji/flickr30k ... --local-dir DIR` makes (here: the synthetic
+    # test pictures in nlphuji's schema and layout).
+    images = split.cast_column("image", datasets.Image(decode=False))
+    rows = [
+        {
+            "image": row["image"]["bytes"],
+            "captions": row["captions"],
+            "image_id": row["image_id"],
+            "split": "test",
+        }
+        for row in images
+    ]
+    folder = write_flickr30k_hub_folder(tmp_path / "flickr30k", rows)
+    predictions = write_jsonl(tmp_path / "p.jsonl", perfect_rows(split))
+    output = tmp_path / "out.json"
+    argv = ["--predictions", predictions, "--dataset", "flickr30k", "--data-dir", folder, "--split", "test"]
+    argv += ["--cache-dir", tmp_path / "hf-cache", "--metrics", "bleu", "--output", output, "--no-progress"]
+    with pytest.warns(UserWarning, match="differ from Karpathy's Flickr30K split"):
+        status, _, err = run(argv, capsys)
+    assert status == 0, err
+    assert json.loads(output.read_text())["results"]["predictions"]["bleu_4"] == pytest.approx(1.0)
+
+    # Without network and without --data-dir: one line that says how to get that folder.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    status, _, err = run(
+        ["--predictions", predictions, "--dataset", "flickr30k", "--cache-dir", tmp_path], capsys
+    )
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "could not download nlphuji/flickr30k" in err and "then pass --data-dir DIR" in err
+    assert (
+        "`hf download nlphuji/flickr30k --repo-type dataset --revision refs/convert/parquet --local-dir DIR`"
+        in err
+    )
 
 
 # Unicode line breaks that str.splitlines() cuts at but JSON lets a string hold unescaped.

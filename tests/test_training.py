@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_flickr30k_hub_folder
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -217,6 +218,24 @@ def test_reference_run_output_folder(reference_run: Path) -> None:
     names = [path.name for path in list_checkpoints(reference_run / "checkpoints")]
     assert names == ["checkpoint-00000024", "checkpoint-00000028", "checkpoint-00000030"]
     assert not [p for p in (reference_run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_console_output_has_readable_scores_and_no_dataset_saving_bars(
+    tmp_path: Path, train_script, capsys
+) -> None:
+    # A fresh dataset cache: the synthetic pictures are generated and written during this run.
+    output = tmp_path / "run"
+    args = tiny_args(tmp_path / "fresh-cache", output, "--epochs 1 --checkpoint-steps 0")
+    assert train_script.main(args) == 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "Saving the dataset" not in text and "shards)" not in text
+    assert not re.findall(r"\d(?:\.\d+)?e[-+]\d+", text), "a score printed in scientific notation"
+    best = read_metrics(output)["best"]["bleu_4"]
+    assert f"best validation BLEU-4 {best:.4f};" in printed.out
+    assert re.search(
+        r"epoch 1: loss \d+\.\d{4}, top-5 accuracy \d\.\d{4}, validation BLEU-4 \d\.\d{4}", printed.out
+    )
 
 
 def test_short_training_lowers_the_loss(tmp_path: Path, data_cache: Path, train_script) -> None:
@@ -435,6 +454,93 @@ def test_unwritable_output_dir_is_a_clear_error(
     assert status == 1
     error = capsys.readouterr().err
     assert "could not write to --output-dir" in error and "Traceback" not in error
+
+
+# ==================================================================================================
+# Flickr30K without network
+# ==================================================================================================
+
+FLICKR30K_DOWNLOAD = (
+    "`hf download nlphuji/flickr30k --repo-type dataset --revision refs/convert/parquet --local-dir DIR`"
+)
+
+
+def test_flickr30k_from_a_downloaded_folder_with_data_dir(
+    tmp_path: Path, data_cache: Path, train_script, capsys
+) -> None:
+    # The folder `hf download ... --local-dir DIR` makes, holding synthetic pictures in nlphuji's schema.
+    rows = [{**row, "split": "train"} for row in synthetic_rows(data_cache)]
+    rows += [{**row, "split": "val"} for row in synthetic_rows(data_cache, "validation")]
+    folder = write_flickr30k_hub_folder(tmp_path / "flickr30k", rows)
+    output = tmp_path / "run"
+    args = split_options(
+        "--dataset flickr30k --data-dir", folder, "--dataset-cache-dir", tmp_path / "hf-cache"
+    )
+    args += split_options(TINY_OPTIONS, "--output-dir", output, "--epochs 1 --checkpoint-steps 0")
+    with pytest.warns(UserWarning, match="differ from Karpathy's Flickr30K split"):  # a 48-picture copy
+        assert train_script.main(args) == 0, capsys.readouterr().err
+    metrics = read_metrics(output)
+    assert metrics["data"]["train_rows"] == 40 and metrics["validation"][0]["images"] == 8
+
+
+def test_flickr30k_offline_is_one_line_in_the_scripts_words(tmp_path: Path) -> None:
+    # As a user without network runs it: a fresh process with HF_HUB_OFFLINE=1 and an empty hub cache.
+    command = [sys.executable, str(TRAIN_SCRIPT), "--dataset", "flickr30k", *split_options(TINY_OPTIONS)]
+    completed = subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "run")],
+        env=subprocess_env(HF_HOME=str(tmp_path / "hf-home")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 1
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("error: cannot load --dataset flickr30k: could not download nlphuji/flickr30k")
+    assert FLICKR30K_DOWNLOAD in lines[0] and "--data-dir DIR" in lines[0] and "Karpathy JSON" in lines[0]
+    assert "load_caption_dataset" not in lines[0] and "data_dir=" not in lines[0]  # no Python calls
+
+
+def revision_missing() -> Exception:
+    from datasets.exceptions import DatasetNotFoundError
+
+    return DatasetNotFoundError(
+        "Revision 'refs/convert/parquet' doesn't exist for dataset 'nlphuji/flickr30k'"
+    )
+
+
+def cut_off_download() -> Exception:
+    from huggingface_hub.utils import httpx
+
+    return httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        revision_missing,
+        cut_off_download,
+        lambda: ConnectionResetError(104, "Connection reset by peer"),
+        lambda: TimeoutError("The read operation timed out"),
+    ],
+    ids=["revision-missing", "download-cut-off", "connection-reset", "timeout"],
+)
+def test_flickr30k_hub_failures_are_one_line_with_the_offline_hint(
+    tmp_path: Path, train_script, monkeypatch: pytest.MonkeyPatch, capsys, failure
+) -> None:
+    import show_attend_tell.data.flickr30k as flickr30k
+
+    def failing_load_dataset(*args, **kwargs):
+        raise failure()
+
+    monkeypatch.setattr(flickr30k, "load_dataset", failing_load_dataset)
+    args = split_options("--dataset flickr30k", TINY_OPTIONS, "--output-dir", tmp_path / "run")
+    assert train_script.main(args) == 1
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert "could not download nlphuji/flickr30k (revision refs/convert/parquet)" in error
+    assert " ".join(str(failure()).split()) in error  # the cause, in one line
+    assert FLICKR30K_DOWNLOAD in error and "then pass --data-dir DIR" in error
 
 
 # ==================================================================================================

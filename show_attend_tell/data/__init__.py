@@ -10,7 +10,9 @@ from .flickr30k import (
     FLICKR30K_KARPATHY_SPLIT_SIZES,
     FLICKR30K_REPO_ID,
     FLICKR30K_REVISION,
+    DatasetDownloadError,
     flickr30k_to_caption_dataset,
+    hub_download_command,
     load_flickr30k,
 )
 from .karpathy import load_karpathy_json
@@ -46,8 +48,10 @@ __all__ = [
     "SYNTHETIC_DEFAULT_SIZES",
     "SYNTHETIC_FEATURES",
     "SYNTHETIC_VERSION",
+    "DatasetDownloadError",
     "canonical_split",
     "flickr30k_to_caption_dataset",
+    "hub_download_command",
     "load_caption_dataset",
     "load_flickr30k",
     "load_image_folder_captions",

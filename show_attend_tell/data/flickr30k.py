@@ -23,12 +23,15 @@ the local-parquet loader (when it recognises this schema) both go through it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+from datasets.exceptions import DatasetNotFoundError
 
 from .common import (
     SPLITS,
@@ -48,6 +51,65 @@ FLICKR30K_REVISION = "refs/convert/parquet"
 FLICKR30K_KARPATHY_SPLIT_SIZES: dict[str, int] = {"train": 29000, "validation": 1014, "test": 1000}
 #: The columns that identify the nlphuji schema.
 FLICKR30K_HUB_COLUMNS: tuple[str, ...] = ("image", "caption", "split", "img_id")
+
+
+def hub_download_command(repo_id: str = FLICKR30K_REPO_ID, revision: str | None = FLICKR30K_REVISION) -> str:
+    """The `hf` command that copies the dataset's files into a folder DIR for use without network."""
+    branch = f" --revision {revision}" if revision else ""
+    return f"hf download {repo_id} --repo-type dataset{branch} --local-dir DIR"
+
+
+class DatasetDownloadError(ConnectionError):
+    """The dataset could not be fetched from the datasets hub: no network, offline mode (`HF_HUB_OFFLINE=1`),
+    a missing repository or revision, or a download cut off half-way. `str()` says what to do in Python;
+    `command_line_message()` says the same with the scripts' options."""
+
+    def __init__(self, repo_id: str, revision: str | None, reason: str) -> None:
+        self.repo_id, self.revision, self.reason = repo_id, revision, reason
+        super().__init__(
+            f"{self._what()}. Without network access, run `{hub_download_command(repo_id, revision)}` where "
+            "there is network and pass that folder: load_caption_dataset('flickr30k', data_dir=DIR); or use a "
+            "Karpathy JSON with its images: load_caption_dataset('path/to/dataset_flickr30k.json', image_dir=...)"
+        )
+
+    def _what(self) -> str:
+        return f"could not download {self.repo_id} (revision {self.revision}) from the datasets hub: {self.reason}"
+
+    def command_line_message(self) -> str:
+        """One line for the scripts: the options that load the same data without network."""
+        return (
+            f"{self._what()}. Without network access, run `{hub_download_command(self.repo_id, self.revision)}` "
+            "where there is network, then pass --data-dir DIR; or use a Karpathy JSON with its images: "
+            "--dataset path/to/dataset_flickr30k.json --image-dir IMAGES"
+        )
+
+
+def _download_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the hub could not be reached or a download broke off. Which HTTP library
+    raises them depends on the huggingface_hub version (httpx in 1.x, requests before)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError, DatasetNotFoundError]
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import HfHubHTTPError
+
+        found.append(HfHubHTTPError)
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import XetDownloadError
+
+        found.append(XetDownloadError)
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import httpx
+
+        found.append(httpx.HTTPError)
+    with contextlib.suppress(ImportError):
+        import requests
+
+        found.append(requests.RequestException)
+    return tuple(found)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 def is_flickr30k_hub_schema(column_names: Iterable[str]) -> bool:
@@ -133,18 +195,20 @@ def load_flickr30k(
 
     Returns:
         train (29,000) / validation (1,014) / test (1,000) with ``image``, ``captions``, ``image_id``.
+
+    Raises:
+        DatasetDownloadError: no network, offline mode, the repository or revision is missing on the hub,
+            or a download broke off; the message says how to download the files for use without network.
     """
     repo = os.fspath(repo_id)
+    local = Path(repo).expanduser().is_dir()
     try:
         raw = load_dataset(
             repo, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir), **load_kwargs
         )
-    except ConnectionError as error:
-        raise ConnectionError(
-            f"Could not download {repo!r} (revision {revision!r}) from the datasets hub: {error}. "
-            "Without network access, download the parquet branch elsewhere and pass its folder: "
-            "load_caption_dataset('flickr30k', data_dir=DIR), or use a Karpathy JSON with the images "
-            "(load_caption_dataset('path/to/dataset_flickr30k.json', image_dir=...))."
-        ) from error
+    except _download_error_types() as error:
+        if local and not isinstance(error, (ConnectionError, TimeoutError)):
+            raise  # a local folder's own problem (no parquet files...), not the network's
+        raise DatasetDownloadError(repo, revision, _one_line(error)) from error
     dataset = flickr30k_to_caption_dataset(raw, source=repo)
     return select_splits(dataset, splits, max_samples_per_split, source=repo)
