@@ -12,17 +12,13 @@ from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature, get_size_dict
+from transformers.image_transforms import normalize, rescale, resize, to_channel_dimension_format
+from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.utils import TensorType
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_RESAMPLING = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 
 
 #: Largest download `load_image` accepts from a URL; a picture worth captioning is far smaller, and the
@@ -186,82 +182,212 @@ def _image_label(image: Any, index: int) -> str:
 
 class ShowAttendTellImageProcessor(BaseImageProcessor):
     r"""
-    Prepares images for [`ShowAttendTellForConditionalGeneration`]: converts to upright RGB, resizes to
-    `size` x `size` (256 by default, the resolution of the paper's implementation, without keeping the
-    aspect ratio), scales to [0, 1] and normalises with the ImageNet mean and standard deviation.
+    Prepares images for [`ShowAttendTellForConditionalGeneration`] with transformers' standard steps: convert to
+    upright RGB, resize to `size` (`{"height": 256, "width": 256}` by default, the resolution of the paper's
+    implementation, without keeping the aspect ratio), rescale by `rescale_factor` (1/255) and normalise with the
+    ImageNet mean and standard deviation, channels first.
 
-    Accepts PIL images, numpy arrays `(H, W)`, `(H, W, C)` or `(C, H, W)` (uint8, or floats in [0, 1]),
-    torch tensors of the same shapes, file paths and http(s) URLs (read with `load_image`), and lists of
-    them. Returns `pixel_values` of shape `(images, 3, size, size)`. An image that cannot be used raises
-    `ImageLoadError` (a `ValueError`) whose one-line message names the image and the reason.
+    The arguments are those of transformers' image processors (`do_convert_rgb`, `do_resize`, `size`, `resample`,
+    `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `data_format`, `input_data_format`),
+    given at creation or per call; `size` may also be one int (a square), as folders saved by version 0.1 store it,
+    and `resample` a filter's name ("bilinear").
+
+    Accepts PIL images, numpy arrays `(H, W)`, `(H, W, C)` or `(C, H, W)` (uint8, or floats in [0, 1]), torch
+    tensors of the same shapes, file paths and http(s) URLs (read with `load_image`), and lists of them.
+    `do_convert_rgb` (the default) reads every picture as `to_rgb` does: EXIF orientation applied, transparency
+    on white, 16-bit and palette modes converted. Returns `pixel_values` of shape `(images, 3, height, width)`.
+    An image that cannot be used raises `ImageLoadError` (a `ValueError`) whose one-line message names the image
+    and the reason.
     """
 
     model_input_names = ["pixel_values"]
 
     def __init__(
         self,
-        size: int = 256,
-        resample: str = "bilinear",
-        image_mean: tuple[float, float, float] = IMAGENET_MEAN,
-        image_std: tuple[float, float, float] = IMAGENET_STD,
+        size: int | dict[str, int] | None = None,
+        resample: PILImageResampling | int | str = PILImageResampling.BILINEAR,
+        image_mean: float | list[float] | tuple[float, ...] = IMAGENET_MEAN,
+        image_std: float | list[float] | tuple[float, ...] = IMAGENET_STD,
+        *,
+        do_convert_rgb: bool = True,
+        do_resize: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
         **kwargs,
     ) -> None:
-        if isinstance(size, dict):  # {"height": h, "width": w}, the transformers convention
-            size = int(size.get("height", size.get("shortest_edge", 256)))
-        if resample not in _RESAMPLING:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLING)}, got {resample!r}")
         super().__init__(**kwargs)
-        self.size = int(size)
-        self.resample = resample
-        self.image_mean = [float(v) for v in image_mean]
-        self.image_std = [float(v) for v in image_std]
+        settings = _checked_settings(
+            size={"height": 256, "width": 256} if size is None else size,
+            resample=resample,
+            image_mean=image_mean,
+            image_std=image_std,
+            rescale_factor=rescale_factor,
+        )
+        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_resize = bool(do_resize)
+        self.size = settings["size"]
+        self.resample = settings["resample"]
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = settings["rescale_factor"]
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = settings["image_mean"]
+        self.image_std = settings["image_std"]
 
-    def to_pil(self, image) -> Image.Image:
-        """Any supported single image -> an upright RGB PIL image."""
+    def to_pil(self, image, input_data_format: ChannelDimension | str | None = None) -> Image.Image:
+        """Any supported single image -> an upright RGB PIL image (see `to_rgb`)."""
         if isinstance(image, Image.Image):
             return to_rgb(image)
         if isinstance(image, (str, os.PathLike, bytes)):
             return load_image(image)
-        array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = array.transpose(1, 2, 0)  # channels first -> last
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(f"cannot read an image of shape {tuple(array.shape)}")
-        if array.dtype != np.uint8:
-            array = np.asarray(array, dtype=np.float64)
-            if array.size and array.max() <= 1.0:
-                array = array * 255.0
-            array = np.clip(np.round(array), 0, 255).astype(np.uint8)
-        return to_rgb(Image.fromarray(array))
+        return to_rgb(Image.fromarray(_as_uint8_hwc(image, input_data_format)))
 
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        """Images (one or a list) -> `BatchFeature(pixel_values=(images, 3, size, size))`."""
-        if kwargs:
-            unknown = ", ".join(sorted(kwargs))
-            raise TypeError(f"{type(self).__name__} got unexpected arguments: {unknown}")
+    def _as_array(self, image, do_convert_rgb: bool, input_data_format) -> np.ndarray:
+        """One image -> a `(H, W, 3)` uint8 array: read robustly (`to_pil`), or as given when not converting."""
+        if do_convert_rgb or isinstance(image, (str, os.PathLike, bytes)):
+            return np.asarray(self.to_pil(image, input_data_format))
+        array = (
+            np.asarray(image) if isinstance(image, Image.Image) else _as_uint8_hwc(image, input_data_format)
+        )
+        if array.ndim != 3 or array.shape[-1] != 3:
+            shape = f"mode {image.mode}" if isinstance(image, Image.Image) else f"shape {tuple(array.shape)}"
+            raise ValueError(f"has {shape}; do_convert_rgb=False needs RGB images with 3 channels")
+        return array
+
+    def preprocess(self, images, return_tensors: str | TensorType | None = "pt", **kwargs) -> BatchFeature:
+        """
+        Images (one or a list) -> `BatchFeature(pixel_values=(images, 3, height, width))`; keyword arguments
+        override the processor's settings for this call.
+        """
+        unknown = sorted(set(kwargs) - set(_CALL_OPTIONS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments: {', '.join(unknown)}")
+        options = {name: kwargs.get(name, getattr(self, name, None)) for name in _CALL_OPTIONS}
+        options.update(
+            _checked_settings(**{name: options[name] for name in _CHECKED}),
+            data_format=ChannelDimension(options["data_format"] or ChannelDimension.FIRST),
+        )
         if not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
             raise ValueError("no images given")
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
-        batch = np.empty((len(images), 3, self.size, self.size), dtype=np.float32)
+        pixel_values = []
         for i, image in enumerate(images):
             try:
-                resized = self.to_pil(image).resize((self.size, self.size), _RESAMPLING[self.resample])
+                pixel_values.append(self._transform(image, options))
+            except ImageLoadError:
+                raise  # load_image already named the file
             except Exception as error:
                 # Truncated data surfaces only when Pillow decodes, here; say which image of the batch it was.
-                if isinstance(error, ImageLoadError):
-                    raise  # load_image already named the file
                 raise ImageLoadError(f"{_image_label(image, i)}: {describe_image_error(error)}") from error
-            scaled = np.asarray(resized, dtype=np.float32) / 255.0
-            batch[i] = ((scaled - mean) / std).transpose(2, 0, 1)
-        return BatchFeature(data={"pixel_values": batch}, tensor_type=return_tensors)
+        if len({array.shape for array in pixel_values}) == 1:
+            pixel_values = np.stack(pixel_values)
+        elif return_tensors is not None:
+            shapes = sorted({array.shape for array in pixel_values})
+            raise ValueError(
+                f"the images have different shapes {shapes} and cannot form one tensor: resize them "
+                "(do_resize=True) or pass return_tensors=None for a list"
+            )
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def _transform(self, image, options: dict[str, Any]) -> np.ndarray:
+        """One image through transformers' steps: resize, rescale, normalise, then the requested layout."""
+        array = self._as_array(image, options["do_convert_rgb"], options["input_data_format"])
+        last = ChannelDimension.LAST
+        if options["do_resize"]:
+            size = options["size"]
+            array = resize(
+                array, (size["height"], size["width"]), resample=options["resample"], input_data_format=last
+            )
+        if options["do_rescale"]:
+            array = rescale(array, options["rescale_factor"], input_data_format=last)
+        if options["do_normalize"]:
+            array = normalize(array, options["image_mean"], options["image_std"], input_data_format=last)
+        return to_channel_dimension_format(array, options["data_format"], input_channel_dim=last)
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+
+#: The per-call settings (besides `return_tensors`), named as in transformers' image processors.
+_CALL_OPTIONS = (
+    "do_convert_rgb",
+    "do_resize",
+    "size",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "data_format",
+    "input_data_format",
+)
+_CHECKED = ("size", "resample", "image_mean", "image_std", "rescale_factor")
+
+
+def _checked_settings(
+    size: Any, resample: Any, image_mean: Any, image_std: Any, rescale_factor: Any
+) -> dict[str, Any]:
+    """
+    The settings in their canonical form, or a one-line ValueError: `size` as `{"height", "width"}`
+    (transformers' `get_size_dict`, which also reads the one int that folders saved by version 0.1 hold),
+    `resample` as PIL's filter (its number, or its name as those folders hold it), mean and std per channel.
+    """
+    try:
+        size = get_size_dict(size, default_to_square=True)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"size must be an int or {{'height': h, 'width': w}}, got {size!r} ({error})"
+        ) from None
+    if set(size) != {"height", "width"} or not all(isinstance(v, int) and v > 0 for v in size.values()):
+        raise ValueError(f"size must be {{'height': h, 'width': w}} with positive ints, got {size!r}")
+    if isinstance(resample, str) and resample.upper() in PILImageResampling.__members__:
+        resample = PILImageResampling[resample.upper()]
+    try:
+        resample = PILImageResampling(resample)
+    except (ValueError, TypeError):
+        names = ", ".join(name.lower() for name in PILImageResampling.__members__)
+        raise ValueError(f"resample must be a PIL resampling filter ({names}), got {resample!r}") from None
+    try:
+        mean, std = (np.broadcast_to(np.asarray(v, dtype=np.float64), (3,)) for v in (image_mean, image_std))
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"image_mean and image_std must be one number or 3 (one per RGB channel), got {image_mean!r} "
+            f"and {image_std!r}"
+        ) from None
+    if not np.all(std > 0):
+        raise ValueError(f"image_std must be positive, got {image_std!r}")
+    return {
+        "size": {"height": size["height"], "width": size["width"]},
+        "resample": resample,
+        "image_mean": [float(v) for v in mean],
+        "image_std": [float(v) for v in std],
+        "rescale_factor": float(rescale_factor),
+    }
+
+
+def _as_uint8_hwc(image, input_data_format: ChannelDimension | str | None) -> np.ndarray:
+    """A numpy array or torch tensor `(H, W)`, `(H, W, C)` or `(C, H, W)` -> uint8 `(H, W)` or `(H, W, C)`."""
+    array = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if array.ndim == 3:
+        if input_data_format is None:
+            # transformers' own guess, which looks for 1 or 3 channels (and 4 here, RGBA) at either end
+            first = array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4)
+        else:
+            first = ChannelDimension(input_data_format) == ChannelDimension.FIRST
+        if first:
+            array = array.transpose(1, 2, 0)
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"cannot read an image of shape {tuple(np.shape(image))}")
+    if array.dtype != np.uint8:
+        array = np.asarray(array, dtype=np.float64)
+        if array.size and array.max() <= 1.0:
+            array = array * 255.0  # floats in [0, 1], as to_tensor-style pipelines hold them
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+    return array
 
 
 __all__ = ["ImageLoadError", "ShowAttendTellImageProcessor", "load_image", "to_rgb"]

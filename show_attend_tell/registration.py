@@ -28,9 +28,22 @@ def register_auto_classes() -> None:
             ShowAttendTellConfig, ShowAttendTellForConditionalGeneration, exist_ok=True
         )
     AutoTokenizer.register(ShowAttendTellConfig, fast_tokenizer_class=ShowAttendTellTokenizer, exist_ok=True)
-    AutoImageProcessor.register(
-        ShowAttendTellConfig, slow_image_processor_class=ShowAttendTellImageProcessor, exist_ok=True
-    )
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        # One implementation (Pillow and numpy, through transformers' image transforms) serves both backends:
+        # 5.x asks for the "torchvision" class whenever torchvision is installed, and with only a "pil" class
+        # registered it warns on every load that the torchvision backend is not available.
+        AutoImageProcessor.register(
+            ShowAttendTellConfig,
+            image_processor_classes={
+                "pil": ShowAttendTellImageProcessor,
+                "torchvision": ShowAttendTellImageProcessor,
+            },
+            exist_ok=True,
+        )
+    else:
+        AutoImageProcessor.register(
+            ShowAttendTellConfig, slow_image_processor_class=ShowAttendTellImageProcessor, exist_ok=True
+        )
     AutoProcessor.register(ShowAttendTellConfig, ShowAttendTellProcessor, exist_ok=True)
 
     # save_pretrained copies the code files next to the weights and writes auto_map for these.

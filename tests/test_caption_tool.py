@@ -208,7 +208,8 @@ def test_visualize_writes_a_figure_with_one_panel_per_word_plus_the_image(
         assert row["figure"] == str(figure_path) and figure_path.stat().st_size > 0
         assert " ".join(words) == row["caption"]  # the figure shows the caption's words
         assert attention.shape == (len(words), tiny_model.config.num_pixels)
-        assert image.shape == (processor.image_processor.size, processor.image_processor.size, 3)
+        size = processor.image_processor.size
+        assert image.shape == (size["height"], size["width"], 3)
         figure = visualization.plot_attention(image, words, attention)
         assert len(figure.axes) == len(words) + 1  # the image, then one panel per word
         with Image.open(figure_path) as png:

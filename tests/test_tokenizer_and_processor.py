@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import CAPTIONS
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, pipeline
+from transformers.image_utils import PILImageResampling
 
-from show_attend_tell import ShowAttendTellImageProcessor, ShowAttendTellTokenizer
+from show_attend_tell import (
+    ShowAttendTellImageProcessor,
+    ShowAttendTellProcessor,
+    ShowAttendTellTokenizer,
+    image_processing_show_attend_tell,
+)
 from show_attend_tell.image_processing_show_attend_tell import IMAGENET_MEAN, IMAGENET_STD
+from show_attend_tell.saving import save_model_folder
 
 pytestmark = pytest.mark.compat
 
@@ -181,10 +192,178 @@ def test_image_processor_rejects_unknown_arguments_and_shapes(sample_image):
 
 
 def test_image_processor_round_trip_with_auto_image_processor(tmp_path):
-    ShowAttendTellImageProcessor(size=128, resample="bicubic").save_pretrained(tmp_path)
+    ShowAttendTellImageProcessor(size={"height": 96, "width": 128}, resample="bicubic").save_pretrained(
+        tmp_path
+    )
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 96, "width": 128} and saved["resample"] == PILImageResampling.BICUBIC
     loaded = AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded).__name__ == "ShowAttendTellImageProcessor"
-    assert loaded.size == 128 and loaded.resample == "bicubic"
+    assert loaded.size == {"height": 96, "width": 128} and loaded.resample == PILImageResampling.BICUBIC
+
+
+def reference_pixels(
+    image: Image.Image,
+    height: int,
+    width: int,
+    resample=Image.Resampling.BILINEAR,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> np.ndarray:
+    """What the processor must return for one RGB picture, computed with Pillow and numpy alone: (3, h, w)."""
+    resized = np.asarray(image.convert("RGB").resize((width, height), resample), np.float64) / 255.0
+    return ((resized - np.asarray(mean)) / np.asarray(std)).transpose(2, 0, 1)
+
+
+def test_a_folder_saved_in_the_0_1_format_loads_with_the_same_pixel_values(tmp_path, sample_image):
+    # preprocessor_config.json exactly as version 0.1 wrote it: size one int, resample a filter's name
+    legacy = {
+        "auto_map": {"AutoImageProcessor": "image_processing_show_attend_tell.ShowAttendTellImageProcessor"},
+        "image_mean": list(IMAGENET_MEAN),
+        "image_processor_type": "ShowAttendTellImageProcessor",
+        "image_std": list(IMAGENET_STD),
+        "resample": "bicubic",
+        "size": 40,
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy, indent=2))
+    code = Path(image_processing_show_attend_tell.__file__)
+    (tmp_path / code.name).write_bytes(
+        code.read_bytes()
+    )  # a saved folder carries the code file (4.57 runs it)
+    expected = reference_pixels(sample_image, 40, 40, Image.Resampling.BICUBIC)
+    for loaded in (
+        ShowAttendTellImageProcessor.from_pretrained(tmp_path),
+        AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True),
+    ):
+        assert loaded.size == {"height": 40, "width": 40}
+        pixel_values = loaded(sample_image)["pixel_values"]
+        assert pixel_values.shape == (1, 3, 40, 40)
+        np.testing.assert_allclose(pixel_values[0].numpy(), expected, atol=1e-5)
+    # re-saved, it is written in transformers' format and still gives the same pixels
+    ShowAttendTellImageProcessor.from_pretrained(tmp_path).save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "preprocessor_config.json").read_text())
+    assert resaved["size"] == {"height": 40, "width": 40} and resaved["resample"] == 3
+    again = ShowAttendTellImageProcessor.from_pretrained(tmp_path / "resaved")(sample_image)["pixel_values"]
+    np.testing.assert_allclose(again[0].numpy(), expected, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    height=st.integers(1, 48),
+    width=st.integers(1, 48),
+    resample=st.sampled_from(["nearest", "bilinear", "bicubic", "lanczos"]),
+    do_rescale=st.booleans(),
+    do_normalize=st.booleans(),
+    at_init=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_standard_arguments_at_init_and_per_call_match_pillow_and_numpy(
+    height, width, resample, do_rescale, do_normalize, at_init, seed
+):
+    rng = np.random.default_rng(seed)
+    picture = Image.fromarray(
+        rng.integers(0, 256, (rng.integers(1, 40), rng.integers(1, 40), 3), dtype=np.uint8)
+    )
+    mean, std = (0.5, 0.25, 0.75), (0.2, 0.3, 0.4)
+    options = {
+        "size": {"height": height, "width": width},
+        "resample": resample,
+        "do_rescale": do_rescale,
+        "rescale_factor": 1 / 255 if do_rescale else 1.0,
+        "do_normalize": do_normalize,
+        "image_mean": mean,
+        "image_std": std,
+    }
+    if at_init:
+        pixel_values = ShowAttendTellImageProcessor(**options)(picture)["pixel_values"]
+    else:  # the processor's own settings differ everywhere; the call's win
+        pixel_values = ShowAttendTellImageProcessor(size=7, resample="box", do_rescale=not do_rescale)(
+            picture, **options
+        )["pixel_values"]
+    filter_ = Image.Resampling[resample.upper()]
+    resized = np.asarray(picture.resize((width, height), filter_), np.float64)
+    expected = resized / 255.0 if do_rescale else resized
+    if do_normalize:
+        expected = (expected - np.asarray(mean)) / np.asarray(std)
+    assert pixel_values.shape == (1, 3, height, width)
+    np.testing.assert_allclose(pixel_values[0].numpy(), expected.transpose(2, 0, 1), rtol=1e-5, atol=1e-4)
+
+
+def test_do_resize_false_keeps_each_size_and_layouts_follow_data_format(sample_image):
+    processor = ShowAttendTellImageProcessor(size=16)
+    kept = processor(sample_image, do_resize=False)["pixel_values"]
+    assert kept.shape == (1, 3, 48, 64)
+    np.testing.assert_allclose(kept[0].numpy(), reference_pixels(sample_image, 48, 64), atol=1e-5)
+    small = sample_image.resize((20, 10))
+    mixed = processor([sample_image, small], do_resize=False, return_tensors=None)["pixel_values"]
+    assert [array.shape for array in mixed] == [(3, 48, 64), (3, 10, 20)]
+    with pytest.raises(ValueError, match="different shapes"):
+        processor([sample_image, small], do_resize=False)
+    last = processor(sample_image, data_format="channels_last", return_tensors="np")["pixel_values"]
+    assert last.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(last[0].transpose(2, 0, 1), processor(sample_image)["pixel_values"][0].numpy())
+    # an array whose layout cannot be guessed (3 x 4 x 3) is read as the caller says
+    array = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    as_first = processor(array, input_data_format="channels_first", do_resize=False)["pixel_values"]
+    as_last = processor(array, input_data_format="channels_last", do_resize=False)["pixel_values"]
+    assert as_first.shape == (1, 3, 4, 3) and as_last.shape == (1, 3, 3, 4)
+
+
+def test_do_convert_rgb_false_uses_rgb_pixels_as_given_and_refuses_others(sample_image):
+    processor = ShowAttendTellImageProcessor(size=16, do_convert_rgb=False)
+    torch.testing.assert_close(
+        processor(sample_image)["pixel_values"],
+        ShowAttendTellImageProcessor(size=16)(sample_image)["pixel_values"],
+    )
+    with pytest.raises(ValueError, match="image 0: has mode L; do_convert_rgb=False needs RGB images"):
+        processor(sample_image.convert("L"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"size": {"shortest_edge": 32}}, "size must be"),
+        ({"size": 0}, "size must be"),
+        ({"resample": "sharpest"}, "resample must be a PIL resampling filter"),
+        ({"image_mean": (0.5, 0.5)}, "one per RGB channel"),
+        ({"image_std": 0.0}, "image_std must be positive"),
+    ],
+)
+def test_bad_settings_give_one_line_errors_at_init_and_per_call(sample_image, options, message):
+    with pytest.raises(ValueError, match=message):
+        ShowAttendTellImageProcessor(**options)
+    with pytest.raises(ValueError, match=message):
+        ShowAttendTellImageProcessor()(sample_image, **options)
+
+
+# --- no noise on load ---------------------------------------------------------------------------------
+
+BACKEND_NOISE = ("backend is not available", "Falling back to")
+
+
+@pytest.mark.parametrize(
+    "loader", ["AutoImageProcessor", "AutoProcessor", "ShowAttendTellProcessor", "pipeline"]
+)
+def test_loading_the_processor_warns_of_no_missing_backend(
+    loader, tmp_path, tiny_model, processor, sample_image, caplog, capfd
+):
+    folder = save_model_folder(tmp_path / "model", tiny_model, processor)
+    capfd.readouterr()
+    # transformers says it once per process: forget earlier tests' warnings, or this test could not see one
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="transformers"):
+        if loader == "AutoImageProcessor":
+            loaded = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+            assert loaded(sample_image)["pixel_values"].shape == (1, 3, 64, 64)
+        elif loader == "AutoProcessor":
+            assert AutoProcessor.from_pretrained(folder, trust_remote_code=True)(images=sample_image)
+        elif loader == "ShowAttendTellProcessor":
+            assert ShowAttendTellProcessor.from_pretrained(folder)(images=sample_image)
+        else:
+            captioner = pipeline("image-to-text", model=str(folder), trust_remote_code=True)
+            assert isinstance(captioner(sample_image, max_new_tokens=3)[0]["generated_text"], str)
+    printed = capfd.readouterr().err + "\n".join(record.getMessage() for record in caplog.records)
+    assert not any(noise in printed for noise in BACKEND_NOISE), printed
 
 
 # --- processor ------------------------------------------------------------------------------------
