@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
 import os
 import re
+import socket
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -24,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Largest download `load_image` accepts from a URL; a picture worth captioning is far smaller, and the
 #: limit keeps a wrong URL (a video, a disk image) from filling memory.
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+#: Seconds a URL's whole download (connection, headers and body) may take.
 DEFAULT_URL_TIMEOUT = 30.0
 
 
@@ -90,20 +95,120 @@ def _bomb_reason(pixels: str) -> str:
     )
 
 
+class _Deadline:
+    """
+    The total time limit of one download. urllib's own timeout bounds each socket operation only, so a server
+    that trickles its headers or body a few bytes at a time keeps a download going for hours; at the deadline
+    this shuts the download's sockets down, which ends a read that is waiting at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would unwrap it under a running read.
+    with contextlib.suppress(OSError):  # already closed
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
+class _WatchedHandlerMixin:
+    """urllib's http(s) handler, with each connection's socket (redirects included) given to a deadline."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def do_open(self, http_class: type, request: urllib.request.Request, **kwargs: Any) -> Any:
+        https = issubclass(http_class, http.client.HTTPSConnection)
+        watched = _WatchedHTTPSConnection if https else _WatchedHTTPConnection
+        return super().do_open(watched, request, deadline=self._deadline, **kwargs)
+
+
+class _WatchedHTTPHandler(_WatchedHandlerMixin, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPSHandler(_WatchedHandlerMixin, urllib.request.HTTPSHandler):
+    pass
+
+
 def _download(url: str, timeout: float | None) -> bytes:
-    """The body of an http(s) URL, with the status checked and the size bounded."""
+    """
+    The body of an http(s) URL, with the status checked, the size bounded and the whole download (connection,
+    headers, body) limited to `timeout` seconds in total (default `DEFAULT_URL_TIMEOUT`). Every URL that the
+    package and its scripts read goes through here (via `load_image`).
+    """
+    limit = timeout or DEFAULT_URL_TIMEOUT
     request = urllib.request.Request(url, headers={"User-Agent": "show-attend-tell"})
+    deadline = _Deadline(limit)
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline))
+    chunks: list[bytes] = []
+    size = 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout or DEFAULT_URL_TIMEOUT) as response:
-            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+        with deadline, opener.open(request, timeout=limit) as response:
+            while chunk := response.read1(1 << 16):  # whatever has arrived: a trickle is seen at the deadline
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES:
+                    raise ImageLoadError(
+                        f"{url}: larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB, not downloaded"
+                    )
+                chunks.append(chunk)
     except urllib.error.HTTPError as error:  # before URLError: it is a subclass
         raise ImageLoadError(f"{url}: HTTP error {error.code} {error.reason}") from None
-    except OSError as error:  # URLError, timeouts, connection resets
-        reason = getattr(error, "reason", error)
-        raise ImageLoadError(f"{url}: download failed ({' '.join(str(reason).split())})") from None
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageLoadError(f"{url}: larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB, not downloaded")
-    return data
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, a cut-off body
+        if not deadline.expired:
+            reason = " ".join(str(getattr(error, "reason", error)).split()) or type(error).__name__
+            raise ImageLoadError(f"{url}: download failed ({reason})") from None
+    if deadline.expired:  # the shut-down socket may also read as the end of the body
+        raise ImageLoadError(f"{url}: download took longer than {limit:g} s in all, stopped")
+    return b"".join(chunks)
 
 
 def load_image(
@@ -120,6 +225,7 @@ def load_image(
     URL) and the reason: missing or empty file, not an image, truncated data, or more pixels than Pillow's
     decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, which a caller may raise for huge scans).
     The whole image is decoded here, so corrupt data is found now rather than halfway through a batch.
+    `timeout` is the seconds a URL's whole download may take (default `DEFAULT_URL_TIMEOUT`).
     """
     if isinstance(source, Image.Image):
         label = name or getattr(source, "filename", "") or "image"
