@@ -21,6 +21,7 @@ import pytest
 
 from show_attend_tell import metrics as caption_metrics
 from show_attend_tell.metrics import (
+    DEFAULT_METRICS,
     METRIC_PATH,
     compute_caption_metrics,
     java_available,
@@ -104,7 +105,7 @@ def fake_java(tmp_path: Path, body: str) -> Path:
 
 def test_identical_hypotheses_and_references_give_bleu_one():
     refs = [[p] for p in PREDICTIONS]
-    scores = compute_caption_metrics(PREDICTIONS, refs, metrics=NO_JAVA_METRICS)
+    scores = compute_caption_metrics(PREDICTIONS, refs, metrics=NO_JAVA_METRICS, tokenizer="approximate")
     for n in range(1, 5):
         # coco's BleuScorer adds 1e-15 / 1e-9 to avoid 0/0, so "1" is 1 - O(1e-10).
         assert scores[f"bleu_{n}"] == pytest.approx(1.0, abs=1e-8)
@@ -156,25 +157,25 @@ def test_bleu_matches_nltk_corpus_bleu(corpus):
         ]
         assert sum(len(h) for h in hyp_tokens) < sum(closest)
 
-    ours = compute_caption_metrics(preds, refs, metrics=("bleu",))
+    ours = compute_caption_metrics(preds, refs, metrics=("bleu",), tokenizer="approximate")
     for n in range(1, 5):
         expected = corpus_bleu(ref_tokens, hyp_tokens, weights=tuple([1.0 / n] * n))
         assert round(ours[f"bleu_{n}"], 4) == round(expected, 4), n
         assert ours[f"bleu_{n}"] == pytest.approx(expected, abs=1e-6), n
 
 
-def test_bleu_only_never_starts_java(monkeypatch):
+def test_approximate_bleu_never_starts_java(monkeypatch):
     def forbidden(*args, **kwargs):
-        raise AssertionError("BLEU alone must not start a subprocess")
+        raise AssertionError("approximate BLEU must not start a subprocess")
 
     monkeypatch.setattr(impl.subprocess, "Popen", forbidden)
     monkeypatch.setattr(impl.subprocess, "run", forbidden)
     monkeypatch.setattr(impl, "_find_java", forbidden)
-    scores = compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=("bleu",))
+    scores = compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=("bleu",), tokenizer="approximate")
     assert sorted(scores) == ["bleu_1", "bleu_2", "bleu_3", "bleu_4"]
     assert_in_range(scores)
     # A single name given as a string is not taken for a sequence of letters.
-    assert compute_caption_metrics(PREDICTIONS, REFERENCES, metrics="bleu") == scores
+    assert compute_caption_metrics(PREDICTIONS, REFERENCES, metrics="bleu", tokenizer="approximate") == scores
 
 
 # ----------------------------------------------------------------------------------------- CIDEr
@@ -184,7 +185,9 @@ def test_cider_of_a_corpus_of_identical_captions_is_zero():
     # Every n-gram occurs in the references of all N images, so its idf is log(N) - log(N) = 0:
     # every tf-idf vector is zero and CIDEr is 0, however good the captions.
     caption = "a dog runs on the grass"
-    scores = compute_caption_metrics([caption] * 6, [[caption, caption]] * 6, metrics=("cider",))
+    scores = compute_caption_metrics(
+        [caption] * 6, [[caption, caption]] * 6, metrics=("cider",), tokenizer="approximate"
+    )
     assert scores == {"cider": 0.0}
 
 
@@ -192,12 +195,16 @@ def test_cider_of_perfect_distinct_captions_is_ten():
     # Each hypothesis equals all its references and has n-grams no other image has: the cosine
     # similarity is 1 for n = 1..4 with no length penalty, so each image scores 10 * mean(1, 1, 1, 1).
     captions = ["a dog runs on the grass", "two cats sleep under a table", "a red car parked near trees"]
-    scores = compute_caption_metrics(captions, [[c, c] for c in captions], metrics=("cider",))
+    scores = compute_caption_metrics(
+        captions, [[c, c] for c in captions], metrics=("cider",), tokenizer="approximate"
+    )
     assert scores["cider"] == pytest.approx(10.0)
 
 
 def test_cider_with_only_empty_references_is_zero():
-    scores = compute_caption_metrics(["a dog", ""], [[""], ["", "..."]], metrics=NO_JAVA_METRICS)
+    scores = compute_caption_metrics(
+        ["a dog", ""], [[""], ["", "..."]], metrics=NO_JAVA_METRICS, tokenizer="approximate"
+    )
     assert scores["cider"] == 0.0
     assert_in_range(scores)
 
@@ -346,22 +353,57 @@ def test_hard_inputs_with_meteor_finish():
     assert time.monotonic() - start < 150
 
 
-# ----------------------------------------------------------------------------- missing / stuck Java
+# ------------------------------------------------------------------ missing / stuck Java: never other numbers
 
 
-def test_without_java_other_metrics_come_back_and_the_message_says_what_to_install(tmp_path, monkeypatch):
+def test_every_score_uses_the_official_tokenisation_by_default(monkeypatch):
+    # BLEU alone used to be tokenised in Python and BLEU next to METEOR by the Java tokeniser: the same
+    # captions scored differently with the metrics asked for. Now every call tokenises with the PTB tokeniser.
+    calls = []
+
+    def recording(texts, java, timeout):
+        calls.append(len(texts))
+        return [ptb_like_tokenize(text) for text in texts]
+
+    monkeypatch.setattr(impl, "_find_java", lambda: "/usr/bin/java")
+    monkeypatch.setattr(impl, "_ptb_tokenize", recording)
+    for metrics in (("bleu",), NO_JAVA_METRICS, ("cider",)):
+        compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=metrics)
+    expected = len(PREDICTIONS) + sum(map(len, REFERENCES))
+    assert calls == [expected] * 3
+
+
+@pytest.mark.parametrize("metrics", [("bleu",), NO_JAVA_METRICS, ("meteor",), DEFAULT_METRICS])
+def test_without_java_scores_are_refused_in_one_line_that_says_what_to_install(
+    tmp_path, monkeypatch, metrics
+):
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
     assert not java_available()
-    with pytest.warns(UserWarning, match="default-jre-headless") as record:
-        scores = compute_caption_metrics(PREDICTIONS, REFERENCES)
-    assert any(issubclass(w.category, caption_metrics.MetricUnavailableWarning) for w in record)
-    assert set(scores) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"}
-    assert scores == compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=NO_JAVA_METRICS)
-    # Nothing left to compute: an error, not an empty dict.
+    with pytest.raises(RuntimeError, match="no working `java`") as info:
+        compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=metrics)
+    message = str(info.value)
+    assert "\n" not in message and "default-jre-headless" in message and "tokenizer='approximate'" in message
+
+
+def test_approximate_scores_are_the_same_with_and_without_java(tmp_path, monkeypatch):
+    with_java = compute_caption_metrics(
+        PREDICTIONS, REFERENCES, metrics=NO_JAVA_METRICS, tokenizer="approximate"
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
+    assert not java_available()
+    assert compute_caption_metrics(
+        PREDICTIONS, REFERENCES, metrics=NO_JAVA_METRICS, tokenizer="approximate"
+    ) == (with_java)
+    # METEOR cannot run without Java: left out with a warning that says what to install
+    with pytest.warns(caption_metrics.MetricUnavailableWarning, match="default-jre-headless"):
+        scores = compute_caption_metrics(PREDICTIONS, REFERENCES, tokenizer="approximate")
+    assert scores == with_java
     with pytest.raises(RuntimeError, match="default-jre-headless"):
-        compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=("meteor",))
+        compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=("meteor",), tokenizer="approximate")
     with pytest.raises(RuntimeError, match="SPICE needs Java"):
-        compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=("bleu",), spice=True)
+        compute_caption_metrics(
+            PREDICTIONS, REFERENCES, metrics=("bleu",), spice=True, tokenizer="approximate"
+        )
 
 
 def test_a_broken_java_counts_as_missing(tmp_path, monkeypatch):
@@ -374,31 +416,45 @@ def test_a_broken_java_counts_as_missing(tmp_path, monkeypatch):
 
 
 def test_stuck_java_is_stopped_by_the_timeout(tmp_path, monkeypatch):
-    # A `java` that never answers: both the PTB tokeniser and METEOR must give up after the timeout.
+    # A `java` that never answers: the PTB tokeniser gives up after the timeout, and no scores come back;
+    # with the approximate tokenisation METEOR alone gives up and the other scores come back.
     sleep = shutil.which("sleep")
     monkeypatch.setenv("PATH", str(fake_java(tmp_path, f"exec {sleep} 60")))
     start = time.monotonic()
-    with pytest.warns(UserWarning) as record:
+    with pytest.raises(
+        RuntimeError, match="PTB tokeniser did not finish within 1 s; no scores were computed"
+    ):
+        run_with_deadline(lambda: compute_caption_metrics(PREDICTIONS, REFERENCES, meteor_timeout=1.0), 30)
+    with pytest.warns(caption_metrics.MetricUnavailableWarning, match="METEOR did not finish within 1 s"):
         scores = run_with_deadline(
-            lambda: compute_caption_metrics(PREDICTIONS, REFERENCES, meteor_timeout=1.0), 30
+            lambda: compute_caption_metrics(
+                PREDICTIONS, REFERENCES, meteor_timeout=1.0, tokenizer="approximate"
+            ),
+            30,
         )
-    elapsed = time.monotonic() - start
-    messages = " ".join(str(w.message) for w in record)
-    assert "PTB tokeniser did not finish within 1 s" in messages
-    assert "METEOR did not finish within 1 s" in messages
     assert "meteor" not in scores and "bleu_4" in scores
-    assert elapsed < 15
+    assert time.monotonic() - start < 15
 
 
-def test_crashing_java_is_reported(tmp_path, monkeypatch):
+def test_crashing_java_is_reported_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(
-        "PATH", str(fake_java(tmp_path, "echo 'Error: Could not create the Java VM' >&2; exit 1"))
+        "PATH",
+        str(
+            fake_java(
+                tmp_path, "echo 'Error: Could not create the Java VM.' >&2; echo 'Exiting.' >&2; exit 1"
+            )
+        ),
     )
-    with pytest.warns(UserWarning, match="Could not create the Java VM"):
-        scores = run_with_deadline(lambda: compute_caption_metrics(PREDICTIONS, REFERENCES), 30)
+    with pytest.raises(
+        RuntimeError, match=r"PTB tokeniser failed: Error: Could not create the Java VM\. Exiting\."
+    ) as info:
+        run_with_deadline(lambda: compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=("bleu",)), 30)
+    assert "\n" not in str(info.value)
+    with pytest.warns(caption_metrics.MetricUnavailableWarning, match="Could not create the Java VM"):
+        scores = run_with_deadline(
+            lambda: compute_caption_metrics(PREDICTIONS, REFERENCES, tokenizer="approximate"), 30
+        )
     assert "meteor" not in scores and "cider" in scores
-    with pytest.raises(RuntimeError, match="PTB tokeniser failed"):
-        compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=("bleu",), tokenizer="ptb")
 
 
 def test_spice_unavailable_gives_a_clear_error(monkeypatch):
@@ -422,7 +478,7 @@ def test_spice_plumbing_with_a_stand_in_jar(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(fake_java(tmp_path, body)))
     monkeypatch.setattr(impl, "_spice_jars", lambda: (str(tmp_path), []))
     scores = compute_caption_metrics(
-        ["a dog", "a cat"], [["a dog"], ["a cat"]], metrics=("bleu",), spice=True, tokenizer="python"
+        ["a dog", "a cat"], [["a dog"], ["a cat"]], metrics=("bleu",), spice=True, tokenizer="approximate"
     )
     assert scores["spice"] == pytest.approx(0.25)
 
@@ -432,7 +488,7 @@ def test_spice_plumbing_with_a_stand_in_jar(tmp_path, monkeypatch):
 
 def test_mismatched_lengths_raise_value_error():
     with pytest.raises(ValueError, match="3 predictions but 2 reference lists"):
-        compute_caption_metrics(["a", "b", "c"], [["a"], ["b"]], metrics=("bleu",))
+        compute_caption_metrics(["a", "b", "c"], [["a"], ["b"]], metrics=("bleu",), tokenizer="approximate")
 
 
 @pytest.mark.parametrize(
@@ -448,10 +504,15 @@ def test_mismatched_lengths_raise_value_error():
 )
 def test_argument_checks(predictions, references, error):
     if error is None:
-        assert compute_caption_metrics(predictions, references, metrics=("bleu",))["bleu_1"] > 0.99
+        assert (
+            compute_caption_metrics(predictions, references, metrics=("bleu",), tokenizer="approximate")[
+                "bleu_1"
+            ]
+            > 0.99
+        )
     else:
         with pytest.raises(error):
-            compute_caption_metrics(predictions, references, metrics=("bleu",))
+            compute_caption_metrics(predictions, references, metrics=("bleu",), tokenizer="approximate")
 
 
 def test_unknown_metric_and_tokenizer_raise():
@@ -499,13 +560,19 @@ HARD_REFERENCES = [
 
 def test_hard_inputs_finish_quickly_and_in_range():
     scores = run_with_deadline(
-        lambda: compute_caption_metrics(HARD_PREDICTIONS, HARD_REFERENCES, metrics=NO_JAVA_METRICS), 60
+        lambda: compute_caption_metrics(
+            HARD_PREDICTIONS, HARD_REFERENCES, metrics=NO_JAVA_METRICS, tokenizer="approximate"
+        ),
+        60,
     )
     assert_in_range(scores)
     # Every single prediction on its own too (one-image corpora are a corner case for CIDEr's idf).
     for pred, refs in zip(HARD_PREDICTIONS, HARD_REFERENCES, strict=True):
         one = run_with_deadline(
-            lambda p=pred, r=refs: compute_caption_metrics([p], [r], metrics=NO_JAVA_METRICS), 30
+            lambda p=pred, r=refs: compute_caption_metrics(
+                [p], [r], metrics=NO_JAVA_METRICS, tokenizer="approximate"
+            ),
+            30,
         )
         assert_in_range(one)
 
@@ -529,8 +596,10 @@ def test_evaluate_load_works_offline_and_agrees(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     module = evaluate.load(str(METRIC_PATH), keep_in_memory=True)
     assert type(module).__name__ == "CocoCaption"
-    ours = compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=NO_JAVA_METRICS)
-    theirs = module.compute(predictions=PREDICTIONS, references=REFERENCES, metrics=list(NO_JAVA_METRICS))
+    ours = compute_caption_metrics(PREDICTIONS, REFERENCES, metrics=NO_JAVA_METRICS, tokenizer="approximate")
+    theirs = module.compute(
+        predictions=PREDICTIONS, references=REFERENCES, metrics=list(NO_JAVA_METRICS), tokenizer="approximate"
+    )
     assert theirs == ours
     assert theirs["bleu_4"] > 0.05  # nested references are really used (a wrong feature type gives 0)
 
@@ -538,11 +607,18 @@ def test_evaluate_load_works_offline_and_agrees(monkeypatch):
     module = load_metric(keep_in_memory=True)
     for pred, refs in zip(PREDICTIONS, REFERENCES, strict=True):
         module.add(predictions=pred, references=refs)
-    assert module.compute(metrics=list(NO_JAVA_METRICS)) == ours
+    assert module.compute(metrics=list(NO_JAVA_METRICS), tokenizer="approximate") == ours
 
     # One reference per prediction as a plain string is accepted too.
-    flat = module.compute(predictions=PREDICTIONS, references=[r[0] for r in REFERENCES], metrics=["bleu"])
-    assert flat == compute_caption_metrics(PREDICTIONS, [[r[0]] for r in REFERENCES], metrics=("bleu",))
+    flat = module.compute(
+        predictions=PREDICTIONS,
+        references=[r[0] for r in REFERENCES],
+        metrics=["bleu"],
+        tokenizer="approximate",
+    )
+    assert flat == compute_caption_metrics(
+        PREDICTIONS, [[r[0]] for r in REFERENCES], metrics=("bleu",), tokenizer="approximate"
+    )
 
     with pytest.raises(ValueError):
         module.compute(predictions=[], references=[])

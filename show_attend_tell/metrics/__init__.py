@@ -12,9 +12,11 @@ Example::
     compute_caption_metrics(["a dog runs on the grass"], [["a dog is running on grass", "a brown dog runs"]])
     # {'bleu_1': ..., 'bleu_2': ..., 'bleu_3': ..., 'bleu_4': ..., 'meteor': ..., 'rouge_l': ..., 'cider': ...}
 
-BLEU, ROUGE-L and CIDEr are pure Python. METEOR (and SPICE) run Java; when Java is missing METEOR is
-left out with a warning that says what to install. ``metrics=("bleu",)`` never starts Java: captions
-are then tokenised by a pure-Python equivalent of coco-caption's PTB tokeniser.
+Scores are official only with coco-caption's tokenisation, the Stanford PTB tokeniser, which runs Java
+(as METEOR and SPICE do): by default a machine without Java gets a one-line RuntimeError saying what to
+install, never other numbers. ``tokenizer="approximate"`` tokenises with a pure-Python imitation
+(:func:`ptb_like_tokenize`) and never starts Java for BLEU/ROUGE-L/CIDEr: for quick looks such as per-epoch
+validation, and whoever reports such scores labels them (:data:`TOKENIZATION_LABELS`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_METRICS",
     "METRIC_PATH",
+    "TOKENIZATION_LABELS",
     "MetricUnavailableWarning",
     "compute_caption_metrics",
     "java_available",
@@ -43,6 +46,11 @@ __all__ = [
 #: Folder of the `evaluate` module (``evaluate.load(str(METRIC_PATH))`` works offline).
 METRIC_PATH = Path(__file__).resolve().parent / "coco_caption"
 DEFAULT_METRICS = ("bleu", "meteor", "rouge", "cider")
+#: How reports name each `tokenizer` of :func:`compute_caption_metrics`; the approximate one is a warning.
+TOKENIZATION_LABELS = {
+    "ptb": "official coco-caption tokenisation (Stanford PTB tokeniser, Java)",
+    "approximate": "APPROXIMATE: pure-Python imitation of the PTB tokeniser, not comparable with published scores",
+}
 _IMPL_NAME = "show_attend_tell.metrics._coco_caption_impl"
 _lock = threading.Lock()
 
@@ -74,7 +82,7 @@ def compute_caption_metrics(
     metrics: Iterable[str] = DEFAULT_METRICS,
     spice: bool = False,
     meteor_timeout: float | None = 600.0,
-    tokenizer: str = "auto",
+    tokenizer: str = "ptb",
 ) -> dict[str, float]:
     """Corpus-level coco-caption scores of generated captions against their references.
 
@@ -82,13 +90,14 @@ def compute_caption_metrics(
         predictions: one generated caption per image.
         references: for each prediction, its reference captions (any number, at least one).
         metrics: which scores to compute, among "bleu", "meteor", "rouge", "cider" (and "spice").
-            ``("bleu",)`` is cheap and never starts Java (for per-epoch validation).
+            ``("bleu",)`` with ``tokenizer="approximate"`` is cheap and never starts Java.
         spice: also compute SPICE; it needs Java and Stanford CoreNLP 3.6.0 and raises a
             RuntimeError explaining what is missing otherwise.
         meteor_timeout: seconds each Java subprocess (PTB tokeniser, METEOR, SPICE) may run before it
             is killed (None: no limit); a METEOR timeout leaves METEOR out with a warning.
-        tokenizer: "auto" (Stanford PTB tokeniser when METEOR/SPICE are requested and Java works, as
-            coco-caption does; else the pure-Python :func:`ptb_like_tokenize`), "ptb" or "python".
+        tokenizer: "ptb" (default): the Stanford PTB tokeniser, as coco-caption runs it (Java); or
+            "approximate": the pure-Python :func:`ptb_like_tokenize`, whose scores are approximate and
+            must be labelled so wherever they are reported (see :data:`TOKENIZATION_LABELS`).
 
     Returns:
         A dict with ``bleu_1``..``bleu_4``, ``meteor``, ``rouge_l``, ``cider`` (and ``spice``) for the
@@ -99,6 +108,8 @@ def compute_caption_metrics(
     Raises:
         ValueError: the lists have different lengths, are empty, a prediction has no reference, or a
             metric name is unknown.
+        RuntimeError: the official tokenisation cannot run (no Java, or the tokeniser failed), or only
+            METEOR was asked for and it cannot run.
         TypeError: an entry is not a string.
     """
     return _impl().compute_scores(

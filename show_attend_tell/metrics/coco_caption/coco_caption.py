@@ -8,8 +8,10 @@ without them, which the training loop relies on) and `pycocoevalcap` lazily, ins
 
 Definitions follow the MS-COCO caption evaluation code (pycocoevalcap 1.2):
 
-* captions are tokenised like ``pycocoevalcap.tokenizer.PTBTokenizer`` (Stanford PTB tokeniser,
-  lower-cased, punctuation tokens dropped);
+* captions are tokenised by ``pycocoevalcap.tokenizer.PTBTokenizer``'s Stanford PTB tokeniser
+  (Java; lower-cased, punctuation tokens dropped). Scores are official only with it: without Java
+  they are refused, unless the caller asks for ``tokenizer="approximate"`` (a pure-Python imitation,
+  for quick looks such as per-epoch validation; its scores are not comparable with published ones);
 * BLEU-1..4 is corpus-level with the closest reference length for the brevity penalty
   (pycocoevalcap's ``BleuScorer``);
 * METEOR 1.5 (``-l en -norm``) through the jar shipped with pycocoevalcap, corpus-level
@@ -69,7 +71,8 @@ JAVA_INSTALL_HINT = (
 )
 _PYCOCOEVALCAP_HINT = "pip install pycocoevalcap  (or: pip install 'show-attend-tell[eval]')"
 _METRIC_ALIASES = {"rouge_l": "rouge", "rougel": "rouge", "bleu4": "bleu"}
-_TOKENIZERS = ("auto", "ptb", "python")
+#: "ptb": the official tokenisation (Stanford PTB tokeniser, Java); "approximate": `ptb_like_tokenize`.
+_TOKENIZERS = ("ptb", "approximate")
 
 # Tokens that pycocoevalcap's PTBTokenizer drops after tokenising. The bracket names are upper-case
 # there, but the tokeniser runs with -lowerCase, so "-lrb-" etc. are in fact kept in coco-caption's
@@ -383,7 +386,7 @@ def _ptb_tokenize(texts: list[str], java: str, timeout: float | None) -> list[st
 
 
 def _tail(data: bytes, limit: int = 2000) -> str:
-    text = data.decode("utf-8", errors="replace").strip()
+    text = " ".join(data.decode("utf-8", errors="replace").split())  # one line: errors are printed as one
     return text[-limit:] if text else "(no error output)"
 
 
@@ -670,7 +673,7 @@ def compute_scores(
     *,
     spice: bool = False,
     java_timeout: float | None = DEFAULT_JAVA_TIMEOUT,
-    tokenizer: str = "auto",
+    tokenizer: str = "ptb",
 ) -> dict[str, float]:
     """Corpus-level coco-caption scores of ``predictions`` against ``references``.
 
@@ -680,9 +683,10 @@ def compute_scores(
         metrics: any of "bleu", "meteor", "rouge", "cider", "spice".
         spice: also compute SPICE (needs Java and Stanford CoreNLP 3.6.0; raises if unavailable).
         java_timeout: seconds each Java subprocess may run before it is killed (None: no limit).
-        tokenizer: "ptb" (Stanford PTB tokeniser in Java, exactly coco-caption), "python"
-            (:func:`ptb_like_tokenize`, no Java) or "auto": PTB when a Java metric (METEOR, SPICE) is
-            requested and Java works, otherwise Python. So BLEU/ROUGE/CIDEr alone never start Java.
+        tokenizer: "ptb" (default: Stanford PTB tokeniser in Java, exactly coco-caption; a RuntimeError
+            when Java is missing or the tokeniser fails, never other numbers) or "approximate"
+            (:func:`ptb_like_tokenize`, pure Python, never starts Java for BLEU/ROUGE/CIDEr; scores that
+            the caller must label as approximate).
 
     Returns:
         ``bleu_1``..``bleu_4``, ``meteor``, ``rouge_l``, ``cider``, ``spice`` (those requested) as
@@ -696,7 +700,7 @@ def compute_scores(
         raise ValueError(f"the Java timeout must be positive (or None for no limit), got {java_timeout!r}")
     if tokenizer not in _TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {_TOKENIZERS}, got {tokenizer!r}")
-    needs_java = "meteor" in wanted or "spice" in wanted or tokenizer == "ptb"
+    needs_java = tokenizer == "ptb" or "meteor" in wanted or "spice" in wanted
     java = _find_java() if needs_java else None
 
     if "spice" in wanted:
@@ -707,7 +711,9 @@ def compute_scores(
         _check_spice_jars()
     if tokenizer == "ptb" and java is None:
         raise RuntimeError(
-            f"tokenizer='ptb' runs Java, and no working `java` was found on PATH. {JAVA_INSTALL_HINT}"
+            "the official coco-caption tokenisation (Stanford PTB tokeniser) runs Java, and no working `java` "
+            f"was found on PATH. {JAVA_INSTALL_HINT} (tokenizer='approximate' gives approximate scores "
+            "without Java, not comparable with published ones.)"
         )
     if "meteor" in wanted and java is None:
         wanted.remove("meteor")
@@ -718,16 +724,14 @@ def compute_scores(
 
     # Tokenise every caption once, predictions first.
     texts = preds + [r for rs in refs for r in rs]
-    use_ptb = java is not None and (tokenizer == "ptb" or (tokenizer == "auto" and needs_java))
-    tokens = None
-    if use_ptb:
+    if tokenizer == "ptb":
+        assert java is not None
         try:
             tokens = _ptb_tokenize(texts, java, java_timeout)
         except _JavaFailure as err:
-            if tokenizer == "ptb":
-                raise RuntimeError(str(err)) from err
-            _warn_unavailable(f"{err}; the captions were tokenised in Python instead (ptb_like_tokenize).")
-    if tokens is None:
+            # No quiet fallback to the approximation: the same call must never give other numbers.
+            raise RuntimeError(f"{err}; no scores were computed") from err
+    else:
         tokens = [ptb_like_tokenize(t) for t in texts]
     hyps_tok = tokens[: len(preds)]
     refs_tok, start = [], len(preds)
@@ -775,8 +779,9 @@ _CITATION = """\
 _DESCRIPTION = """\
 Image-captioning scores with the MS-COCO caption evaluation definitions (pycocoevalcap): corpus BLEU-1..4,
 METEOR 1.5, ROUGE-L, CIDEr and optionally SPICE, each prediction scored against several references.
-METEOR, SPICE and the reference PTB tokeniser need Java; without it METEOR is skipped with a warning and
-captions are tokenised by an equivalent pure-Python tokeniser.
+Captions are tokenised by the Stanford PTB tokeniser as coco-caption does, which needs Java (as METEOR
+and SPICE do): without Java the scores are refused, unless tokenizer="approximate" is passed, which
+tokenises with a pure-Python imitation and gives approximate scores (METEOR then left out with a warning).
 """
 
 _KWARGS_DESCRIPTION = """\
@@ -786,7 +791,7 @@ Args:
     metrics: names among "bleu", "meteor", "rouge", "cider", "spice" (default: all but SPICE).
     spice: also compute SPICE (default False; needs Java and Stanford CoreNLP 3.6.0).
     meteor_timeout: seconds each Java subprocess may run (default 600).
-    tokenizer: "auto" (default), "ptb" or "python".
+    tokenizer: "ptb" (default, official; needs Java) or "approximate" (pure Python; label such scores).
 Returns:
     dict with bleu_1, bleu_2, bleu_3, bleu_4, meteor, rouge_l, cider (and spice) as floats.
 Examples:
@@ -839,7 +844,7 @@ if evaluate is not None:
             metrics: Iterable[str] | str = DEFAULT_METRICS,
             spice: bool = False,
             meteor_timeout: float | None = DEFAULT_JAVA_TIMEOUT,
-            tokenizer: str = "auto",
+            tokenizer: str = "ptb",
         ) -> dict[str, float]:
             return compute_scores(
                 predictions,
