@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": metrics["train_seconds"],
             "images_per_second": metrics["images_per_second"],
             "stopped_because": metrics["stopped_because"],
-            "best_validation_bleu_4": metrics["best"]["bleu_4"],
+            "best_validation_bleu_4_approx": metrics["best"]["bleu_4_approx"],
         },
         "seconds": {
             "data": data_seconds,

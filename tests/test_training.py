@@ -196,7 +196,7 @@ def test_reference_run_output_folder(reference_run: Path) -> None:
     assert metrics["global_step"] == 3 * STEPS_PER_EPOCH
     assert metrics["stopped_because"] == "epochs"
     assert [entry["epoch"] for entry in metrics["validation"]] == [1, 2, 3]
-    assert all(0.0 <= entry["bleu_4"] <= 1.0 for entry in metrics["validation"])
+    assert all(0.0 <= entry["bleu_4_approx"] <= 1.0 for entry in metrics["validation"])
     assert {"model", "checkpoints", "metrics.json", "training_args.json"} <= {
         p.name for p in reference_run.iterdir()
     }
@@ -231,10 +231,11 @@ def test_console_output_has_readable_scores_and_no_dataset_saving_bars(
     text = printed.out + printed.err
     assert "Saving the dataset" not in text and "shards)" not in text
     assert not re.findall(r"\d(?:\.\d+)?e[-+]\d+", text), "a score printed in scientific notation"
-    best = read_metrics(output)["best"]["bleu_4"]
-    assert f"best validation BLEU-4 {best:.4f};" in printed.out
+    best = read_metrics(output)["best"]["bleu_4_approx"]
+    assert f"best validation BLEU-4 (approx.) {best:.4f};" in printed.out
     assert re.search(
-        r"epoch 1: loss \d+\.\d{4}, top-5 accuracy \d\.\d{4}, validation BLEU-4 \d\.\d{4}", printed.out
+        r"epoch 1: loss \d+\.\d{4}, top-5 accuracy \d\.\d{4}, validation BLEU-4 \(approx\.\) \d\.\d{4}",
+        printed.out,
     )
 
 
@@ -290,7 +291,7 @@ def test_tiny_set_is_overfit_to_its_exact_captions(tmp_path: Path, data_cache: P
     captions = processor.batch_decode(ids)
     expected = [" ".join(processor.tokenizer.normalize_caption(row["captions"][0])) for row in rows]
     assert captions == expected
-    assert read_metrics(output)["best"]["bleu_4"] == pytest.approx(1.0)
+    assert read_metrics(output)["best"]["bleu_4_approx"] == pytest.approx(1.0)
 
 
 # ==================================================================================================
