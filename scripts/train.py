@@ -44,6 +44,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ from show_attend_tell.training import (
     write_checkpoint,
     write_text_atomic,
 )
-from show_attend_tell.training.checkpoint import describe_os_error
+from show_attend_tell.training.checkpoint import describe_write_error
 from show_attend_tell.training.options import HelpFormatter, UsageError, check_args
 
 # Options that must not change when a run is resumed: they decide the model or which batches it sees.
@@ -239,10 +240,12 @@ def on_main_process(accelerator: Accelerator, what: str, work) -> Any:
             outcome[0] = work()
         except CheckpointError as error:
             outcome[1] = str(error)
-        except OSError as error:
-            outcome[1] = f"could not {what}: {describe_os_error(error)} ({error})"
-        except Exception as error:  # a bug: the main process shows its traceback, the others stop too
-            outcome[1], unexpected = f"could not {what}: {type(error).__name__}: {error}", error
+        except Exception as error:
+            reason = describe_write_error(error)  # a full disk, a missing permission: one line
+            if reason is not None:
+                outcome[1] = f"could not {what}: {reason}"
+            else:  # a bug: the main process shows its traceback, the others stop too
+                outcome[1], unexpected = f"could not {what}: {type(error).__name__}: {error}", error
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome, from_process=0)
     if unexpected is not None:
@@ -646,11 +649,19 @@ def train(args: argparse.Namespace) -> int:
     args_text = json.dumps(run_args, indent=2)
     on_main_process(accelerator, "write training_args.json",
                     lambda: write_text_atomic(output_dir / "training_args.json", args_text))  # fmt: skip
+    logs_what = f"write the TensorBoard logs in {output_dir / 'logs'}"
     if report_to != "none":
-        accelerator.init_trackers(
-            "logs",
-            config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_args.items()},
+        tracker_config = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run_args.items()
+        }
+        on_main_process(
+            accelerator, logs_what, lambda: accelerator.init_trackers("logs", config=tracker_config)
         )
+
+    def track(values: dict[str, float], step: int) -> None:
+        """Logs to TensorBoard; a log that cannot be written (a full disk) stops the run with one line."""
+        if report_to != "none":
+            on_main_process(accelerator, logs_what, lambda: accelerator.log(values, step=step))
 
     # ---------------------------------------------------------------- the loop
     params_to_clip = [p for group in param_groups for p in group["params"]]
@@ -742,9 +753,7 @@ def train(args: argparse.Namespace) -> int:
                              "images_seen": state["images_seen"]}  # fmt: skip
                     state["history"]["log"].append(entry)
                     progress.set_postfix(loss=f"{entry['loss']:.3f}", top5=f"{entry['top5_accuracy']:.3f}")
-                    accelerator.log(
-                        {f"train/{k}": entry[k] for k in ("loss", "top5_accuracy", "lr")}, step=step
-                    )
+                    track({f"train/{k}": entry[k] for k in ("loss", "top5_accuracy", "lr")}, step)
 
             if args.max_steps is not None and step >= args.max_steps:
                 stop_reason = "max_steps"
@@ -781,7 +790,7 @@ def train(args: argparse.Namespace) -> int:
             state["history"]["validation"].append(
                 {"epoch": epoch + 1, "step": state["global_step"], **scores}
             )
-            accelerator.log({"val/bleu_4_approx": scores["bleu_4_approx"]}, step=state["global_step"])
+            track({"val/bleu_4_approx": scores["bleu_4_approx"]}, state["global_step"])
             message += f", validation BLEU-4 (approx.) {scores['bleu_4_approx']:.4f}"
             if state["best_bleu_4"] is None or scores["bleu_4_approx"] > state["best_bleu_4"]:
                 state.update(
@@ -846,6 +855,10 @@ def train(args: argparse.Namespace) -> int:
         f"{data['skipped_empty_captions']} without captions, {data['skipped_undecodable_images']} undecodable "
         f"images\nmodel folder: {model_dir}\nmetrics: {output_dir / 'metrics.json'}",
     )
+    if report_to != "none":  # closing writes the last events (end_training closes them again: a no-op)
+        on_main_process(
+            accelerator, logs_what, lambda: [tracker.finish() for tracker in accelerator.trackers]
+        )
     accelerator.end_training()
     return 0
 
@@ -867,12 +880,35 @@ def unshadow_libraries() -> None:
     sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
 
 
+@contextlib.contextmanager
+def tensorboard_thread_failures_left_to_the_loop():
+    """
+    TensorBoard writes its event file in a thread of its own. When a write fails (a full disk), that thread
+    dies printing a traceback, and the error comes back at the next `accelerator.log`, where `track` reports
+    it in one line: while training, the thread's own traceback is left out. Other threads' exceptions, and
+    TensorBoard's outside this block, are reported as before.
+    """
+    previous = threading.excepthook
+
+    def hook(failure: threading.ExceptHookArgs) -> None:
+        if isinstance(failure.exc_value, OSError) and type(failure.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(failure)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     unshadow_libraries()
     args = parse_args(argv)
     try:
         check_args(args)
-        return train(args)
+        with tensorboard_thread_failures_left_to_the_loop():
+            return train(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

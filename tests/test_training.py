@@ -8,8 +8,10 @@ processes (a SIGKILL, `accelerate launch`) run it as a subprocess with one threa
 from __future__ import annotations
 
 import errno
+import importlib
 import importlib.util
 import io
+import itertools
 import json
 import os
 import random
@@ -19,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -444,6 +447,87 @@ def test_disk_full_while_training_is_a_clear_error(
     assert "Traceback" not in error
     assert [p.name for p in list_checkpoints(output / "checkpoints")] == ["checkpoint-00000003"]
     assert not [p for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+# What a full disk raises, measured on a full tmpfs: safetensors (weights) and torch.save (optimizer state).
+SAFETENSORS_DISK_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+TORCH_SAVE_DISK_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+
+
+def disk_full_case(where: str) -> tuple[str, str, Callable[[tuple], bool], Callable[[], BaseException]]:
+    """(module, attribute, which calls fail, the error they raise) for each writer a training run uses."""
+    from safetensors import SafetensorError
+
+    def second_checkpoint(call: tuple) -> bool:  # (obj, file) of safe_save_file and torch.save
+        return "checkpoint-00000006" in str(call[1])
+
+    records = itertools.count(1)
+    return {
+        # accelerator.save_state: the weights (safetensors), then the optimizer and random states (torch.save)
+        "checkpoint-weights": ("accelerate.utils.other", "safe_save_file", second_checkpoint,
+                               lambda: SafetensorError(SAFETENSORS_DISK_FULL)),
+        "checkpoint-optimizer": ("torch", "save", second_checkpoint, lambda: RuntimeError(TORCH_SAVE_DISK_FULL)),
+        # the model folder's weights (save_pretrained)
+        "model-folder": ("transformers.modeling_utils", "safe_save_file", lambda call: True,
+                         lambda: SafetensorError(SAFETENSORS_DISK_FULL)),
+        # TensorBoard's event file, written by a thread of its own: from its 15th record on (3 per step)
+        "tensorboard": ("tensorboard.summary.writer.record_writer", "RecordWriter.write",
+                        lambda call: next(records) >= 15, lambda: OSError(errno.ENOSPC, "No space left on device")),
+        # metrics.json, written by the script (write_text_atomic(path, text))
+        "metrics": ("", "write_text_atomic", lambda call: Path(call[0]).name == "metrics.json",
+                    lambda: OSError(errno.ENOSPC, "No space left on device")),
+    }[where]  # fmt: skip
+
+
+# TensorBoard's writer thread must not die with a traceback of its own (pytest reports it as this warning).
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (
+            "checkpoint-weights",
+            "could not write checkpoint .*checkpoint-00000006: no space left on the device",
+        ),
+        ("checkpoint-optimizer", "could not write checkpoint .*checkpoint-00000006: .*is the disk full\\?"),
+        ("model-folder", "could not write the model folder .*model: no space left on the device"),
+        ("tensorboard", "could not write the TensorBoard logs in .*logs: no space left on the device"),
+        ("metrics", "could not write metrics.json: no space left on the device"),
+    ],
+)
+def test_disk_full_anywhere_is_one_line_and_keeps_the_checkpoints(
+    tmp_path: Path, data_cache: Path, train_script, monkeypatch: pytest.MonkeyPatch, capsys, where, message
+) -> None:
+    module_name, attribute, fails, error = disk_full_case(where)
+    owner = train_script if not module_name else importlib.import_module(module_name)
+    if "." in attribute:
+        class_name, attribute = attribute.split(".")
+        owner = getattr(owner, class_name)
+    original = getattr(owner, attribute)
+
+    def failing(*call, **kwargs):
+        if fails(call):
+            raise error()
+        return original(*call, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, failing)
+    output = tmp_path / "run"
+    report = "--report-to tensorboard" if where == "tensorboard" else ""
+    args = tiny_args(data_cache, output, "--epochs 1 --checkpoint-steps 3 --max-val-samples 0", report)
+    assert train_script.main(args) == 1
+    error_text = capsys.readouterr().err
+    assert "Traceback" not in error_text and "Exception in thread" not in error_text, error_text
+    (line,) = [line for line in error_text.splitlines() if "error:" in line]
+    assert re.search(message, line), line
+    kept = list_checkpoints(output / "checkpoints")
+    assert kept and all(path.name <= "checkpoint-00000010" for path in kept)  # what was saved is still there
+    if where.startswith("checkpoint"):
+        assert [path.name for path in kept] == [
+            "checkpoint-00000003"
+        ] and "checkpoint-00000003 is intact" in line
+    leftovers = [
+        p for folder in (output, output / "checkpoints") for p in folder.iterdir() if p.name.startswith(".")
+    ]
+    assert not leftovers  # no half-written folder
 
 
 def test_unwritable_output_dir_is_a_clear_error(

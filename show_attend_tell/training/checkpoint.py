@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from ..saving import replace_directory
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -126,6 +128,34 @@ def describe_os_error(error: OSError) -> str:
     return str(error)
 
 
+# safetensors reports the operating system's error inside its message: "... I/O error: No space left on
+# device (os error 28)".
+_SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# torch.save's zip writer reports a failed write without an errno: "[enforce fail at inline_container.cc:672]
+# . unexpected pos 576 vs 534" (measured on a full tmpfs), or "PytorchStreamWriter failed writing file ...".
+_TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file write failed")
+
+
+def describe_write_error(error: BaseException) -> str | None:
+    """
+    One line saying why writing files failed, or None when `error` is not a failed write (a bug, to be
+    shown with its traceback). A full disk or a missing permission reaches the training loop in three
+    forms: OSError from Python's own writes, SafetensorError from safetensors (weights, in `save_pretrained`
+    and `accelerator.save_state`), and a RuntimeError from torch.save (the optimizer state).
+    """
+    if isinstance(error, OSError):
+        return f"{describe_os_error(error)} ({error})"
+    text = " ".join(str(error).split())
+    if isinstance(error, SafetensorError):
+        match = _SAFETENSORS_OS_ERROR.search(text)
+        if match is not None:
+            return f"{describe_os_error(OSError(int(match.group(1)), text))} ({text})"
+        return text if "I/O error" in text else None
+    if isinstance(error, RuntimeError) and any(marker in text for marker in _TORCH_WRITE_FAILURES):
+        return f"a file could not be written completely, is the disk full? (torch.save: {text})"
+    return None
+
+
 def replace_checkpoint_directory(new: Path, target: Path) -> None:
     """Moves folder `new` to `target`, the previous `target` set aside under a name `latest` ignores."""
     retired = target.with_name(f"{_TEMPORARY_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}")
@@ -146,8 +176,9 @@ def write_checkpoint(
     checkpoints are kept.
 
     Raises:
-        CheckpointError: the folder could not be written (disk full, no permission...); the temporary
-            folder is removed and the earlier checkpoints are untouched.
+        CheckpointError: the folder could not be written (disk full, no permission..., in whichever form
+            `describe_write_error` recognises); the temporary folder is removed and the earlier checkpoints
+            are untouched.
     """
     checkpoints_dir = Path(checkpoints_dir)
     target = checkpoints_dir / checkpoint_name(step)
@@ -161,19 +192,19 @@ def write_checkpoint(
         _fsync_tree(staging)
         replace_checkpoint_directory(staging, target)
         _fsync_directory(checkpoints_dir)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        reason = describe_write_error(error)
+        if reason is None:
+            raise
         earlier = [path for path in list_checkpoints(checkpoints_dir) if path != target]
         kept = (
             f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
         )
         raise CheckpointError(
-            f"could not write checkpoint {target}: {describe_os_error(error)}; {kept}. Free space or fix the "
+            f"could not write checkpoint {target}: {reason}; {kept}. Free space or fix the "
             "permissions, then resume with --resume-from-checkpoint latest"
         ) from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if keep_last is not None and keep_last > 0:
         for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -213,6 +244,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint_name",
     "describe_os_error",
+    "describe_write_error",
     "is_checkpoint",
     "list_checkpoints",
     "read_training_state",
