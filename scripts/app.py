@@ -23,7 +23,7 @@ import io
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
+        "only for folders you trust (default: never)",
+    )
     parser.add_argument("--cache-dir", type=Path, help="where the example pictures' features are cached")
     args = parser.parse_args(argv)
     if args.examples is None and (HERE / "examples").is_dir():
@@ -103,7 +109,10 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
     from show_attend_tell.serve import CaptionOptions
     from show_attend_tell.visualization import plot_attention
 
-    def caption(image: Any, num_beams: float, max_words: float) -> tuple[str, Any]:
+    # Both handlers first clear their outputs, then fill them or raise gr.Error: an error must not leave the
+    # previous picture's caption and figure on screen next to the new picture, as if they described it.
+    def caption(image: Any, num_beams: float, max_words: float) -> Iterator[tuple[str, Any]]:
+        yield "", None
         if image is None:
             raise gr.Error("Upload a picture first (or click an example).")
         try:
@@ -114,9 +123,10 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
         (result,) = captioner.caption_batch([picture], options)
         text = result.caption or "(the model wrote an empty caption)"
         figure = plot_attention(picture, result.tokens, result.attention, columns=5, panel_size=2.0)
-        return text, figure_to_image(figure)
+        yield text, figure_to_image(figure)
 
-    def search(query: str, top_k: float) -> tuple[list[tuple[Any, str]], Any]:
+    def search(query: str, top_k: float) -> Iterator[tuple[list[tuple[Any, str]], Any]]:
+        yield [], None
         if retriever is None:
             raise gr.Error("No example pictures to search: start the app with --examples FOLDER.")
         if not query or not query.strip():
@@ -131,7 +141,7 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
         ]
         if result.unknown_words:
             gr.Warning(f"Words the model does not know (scored as <unk>): {', '.join(result.unknown_words)}")
-        return gallery, figure_to_image(plot_search_results(result, retriever.gallery))
+        yield gallery, figure_to_image(plot_search_results(result, retriever.gallery))
 
     with gr.Blocks(title="Show, Attend and Tell") as demo:
         gr.Markdown("# Show, Attend and Tell")
@@ -242,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format=f"{PROG}: %(levelname)s: %(message)s", level=logging.WARNING)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        captioner = Captioner.from_pretrained(str(args.model), device=device)
+        captioner = Captioner.from_pretrained(
+            str(args.model), device=device, trust_remote_code=args.trust_remote_code
+        )
     except (OSError, UnsafeWeightsError, ValueError) as error:
         print(f"{PROG}: error: cannot load the model: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@
 Output: without `--output`, one line per image (`path<TAB>caption`), or a JSON array with `--json`. With
 `--output FILE.jsonl`, one JSON row per image (`{"path": ..., "caption": ...}`, `image_id` for datasets,
 `error` instead of `caption` for a file that could not be read), in input order.
+`--num-return-sequences N` adds `captions`, the N best captions of the beam search, best first (what
+`scripts/search_images.py build` indexes).
 
 At scale: the images are split between the processes by Accelerate and decoded by DataLoader workers
 (`--num-workers`); each process streams its rows to its own file in `FILE.jsonl.parts/` as it goes, and the
@@ -343,6 +345,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("images", nargs="*", help="image files, folders (scanned recursively), globs or URLs")
     parser.add_argument("--model", required=True, help="model folder or Hub repository id")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
+        "only for folders you trust (default: never)",
+    )
     parser.add_argument("--list", help="a text file with one image path or URL per line (# starts a comment)")
     parser.add_argument("--dataset", help="caption a dataset instead: a load_caption_dataset source")
     parser.add_argument("--split", default="test", help="the dataset split (default: test)")
@@ -354,6 +362,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print a JSON array instead of lines")
     parser.add_argument("--num-beams", type=int, default=None, help="beam size (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="longest caption in tokens")
+    parser.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=None,
+        help="the N best captions of each image (beam search, N <= beams), listed best first in a `captions` field",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per generate() call, per process")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes that decode images")
     parser.add_argument(
@@ -379,12 +393,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give images, folders or globs, --list FILE, or --dataset SOURCE")
     if args.dataset and (args.images or args.list):
         parser.error("--dataset cannot be combined with image paths or --list")
-    for name in ("batch_size", "num_beams", "max_new_tokens", "limit"):
+    for name in ("batch_size", "num_beams", "max_new_tokens", "limit", "num_return_sequences"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.num_workers < 0:
         parser.error("--num-workers must be 0 or more")
+    if args.num_return_sequences is not None and args.visualize is not None:
+        parser.error("--num-return-sequences cannot be combined with --visualize (one figure per caption)")
     if args.output is not None and args.output.is_dir():
         parser.error(f"--output {args.output} is a folder; give a file name such as captions.jsonl")
     return args
@@ -424,7 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model, processor = load_model_and_processor(
-            args.model, device=accelerator.device, dtype=getattr(torch, args.dtype)
+            args.model,
+            device=accelerator.device,
+            dtype=getattr(torch, args.dtype),
+            trust_remote_code=args.trust_remote_code,
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
         if is_main:
@@ -466,6 +485,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         generate_kwargs["num_beams"] = args.num_beams
     if args.max_new_tokens is not None:
         generate_kwargs["max_new_tokens"] = args.max_new_tokens
+    per_image = args.num_return_sequences or 1
+    if args.num_return_sequences is not None:
+        beams = args.num_beams or model.generation_config.num_beams or 1
+        if per_image > beams:
+            if is_main:
+                print(
+                    f"{PROG}: error: --num-return-sequences {per_image} is more than the {beams} beams searched",
+                    file=sys.stderr,
+                )
+            return 2
+        generate_kwargs["num_return_sequences"] = per_image
     if args.visualize is not None:
         generate_kwargs.update(output_attentions=True, return_dict_in_generate=True)
         names = figure_names(inputs.keys)
@@ -504,8 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if generated is not None:
                     sequences = generated.sequences if args.visualize is not None else generated
                     captions = processor.batch_decode(sequences, skip_special_tokens=True)
-                    for row, (key, caption) in enumerate(zip(batch["keys"], captions, strict=True)):
-                        record = {inputs.key_field: key, "caption": caption}
+                    for row, key in enumerate(batch["keys"]):
+                        # generate() returns each image's N best sequences one after the other, best first.
+                        best = captions[row * per_image : (row + 1) * per_image]
+                        record = {inputs.key_field: key, "caption": best[0]}
+                        if args.num_return_sequences is not None:
+                            record["captions"] = best
                         if args.visualize is not None:
                             words, maps = words_and_attention(
                                 sequences[row], generated.attention_maps[row], tokenizer

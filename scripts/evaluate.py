@@ -18,12 +18,16 @@ How it works: DataLoader workers decode and preprocess the pictures; the main pr
 once per batch and `model.generate()` once per beam size on the same features (so `--num-beams 1 3 5`
 costs one encoder pass, not three), under `torch.inference_mode` and optionally bf16 autocast. Captions
 are decoded with the processor's `batch_decode`, which drops <start>, <end> and <pad>. The scores are
-corpus-level, computed by `show_attend_tell.metrics.compute_caption_metrics` (pycocoevalcap definitions,
-PTB tokenisation); METEOR needs Java and is left out, with the metric's own warning, where there is none.
+corpus-level, computed by `show_attend_tell.metrics.compute_caption_metrics` (pycocoevalcap definitions)
+with coco-caption's own tokenisation, the Stanford PTB tokeniser, which needs Java (as METEOR does). Without
+Java the script says so in one line and stops before any work, rather than print other numbers; with
+`--approximate-tokenization` it scores with a pure-Python imitation instead, leaves METEOR out, and labels the
+scores approximate in the table, the JSON (`"tokenization": "approximate"`) and the model card.
 
 The JSON written by `--output`:
 
     {"model": ..., "dataset": ..., "split": ..., "num_images": N,
+     "tokenization": "ptb",                # or "approximate" (--approximate-tokenization): not official scores
      "results": {"beam_1": {"bleu_1": ..., ..., "cider": ...}, "beam_3": {...}},   # fractions (CIDEr 0-10)
      "predictions": {"beam_1": [{"image_id", "caption", "references"}, ...], ...},
      "retrieval": {"recall@1": ..., ...},                                        # with --retrieval only
@@ -109,6 +113,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
 
     parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
+        "only for folders you trust (default: never)",
+    )
+    parser.add_argument(
         "--predictions-entry",
         metavar="LABEL",
         help="with --predictions of a results file from this script: which captions to score, e.g. beam_3",
@@ -179,6 +189,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=600.0,
         help="seconds METEOR's Java process may run (default %(default)g)",
+    )
+    scoring.add_argument(
+        "--approximate-tokenization",
+        action="store_true",
+        help="without Java: tokenise with a pure-Python imitation of coco-caption's PTB tokeniser and leave METEOR "
+        "out; the scores are labelled approximate (table, JSON, model card) and are not comparable with "
+        "published ones",
     )
     scoring.add_argument(
         "--output", type=Path, help="write the scores, captions and settings to this JSON file"
@@ -327,18 +344,20 @@ def pick_device(name: str) -> Any:
     return torch.device("cpu")
 
 
-def load_model(path: str, device: Any) -> tuple[Any, Any]:
-    """The model and processor of a saved folder, the way a user loads them (Auto classes, remote code)."""
-    from transformers import AutoModel, AutoProcessor
+def load_model(path: str, device: Any, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """
+    The model and processor of a saved folder, loaded as every script loads one (`load_model_and_processor`:
+    the folder's code files run only with `trust_remote_code`).
+    """
+    from show_attend_tell.hub import load_model_and_processor
 
     try:
-        model = AutoModel.from_pretrained(path, trust_remote_code=True, use_safetensors=True)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    except (OSError, ValueError) as error:
+        model, processor = load_model_and_processor(path, device=device, trust_remote_code=trust_remote_code)
+    except OSError as error:
         raise EvaluationError(f"--model {path}: cannot load it ({error})") from None
     if not hasattr(model, "generate"):
         raise EvaluationError(f"--model {path}: {type(model).__name__} cannot generate captions")
-    return model.to(device).eval(), processor
+    return model, processor
 
 
 class ImageRows:
@@ -558,8 +577,30 @@ def read_predictions(
 # --------------------------------------------------------------------------------------------------
 
 
+def tokenization(args: argparse.Namespace) -> str:
+    """
+    The `tokenizer` of the scores: the official one ("ptb"), or "approximate" when asked for. Without Java and
+    without the flag, an EvaluationError (one line) before any data is read or caption generated.
+    """
+    from show_attend_tell.metrics import java_available
+
+    if args.approximate_tokenization:
+        return "approximate"
+    if not java_available():
+        raise EvaluationError(
+            "no working `java` on PATH: official scores need coco-caption's PTB tokeniser, which runs Java "
+            "(e.g. `sudo apt-get install default-jre-headless`); or pass --approximate-tokenization for scores "
+            "labelled approximate"
+        )
+    return "ptb"
+
+
 def score(
-    captions: list[str], references: list[list[str]], metrics: list[str], meteor_timeout: float
+    captions: list[str],
+    references: list[list[str]],
+    metrics: list[str],
+    meteor_timeout: float,
+    tokenizer: str = "ptb",
 ) -> tuple[dict[str, float], list[str]]:
     """Corpus scores and the metric's warnings (e.g. METEOR left out for want of Java)."""
     from show_attend_tell.metrics import compute_caption_metrics
@@ -568,7 +609,7 @@ def score(
         warnings.simplefilter("always")
         try:
             scores = compute_caption_metrics(
-                captions, references, metrics=metrics, meteor_timeout=meteor_timeout
+                captions, references, metrics=metrics, meteor_timeout=meteor_timeout, tokenizer=tokenizer
             )
         except (RuntimeError, ImportError) as error:  # e.g. only METEOR asked for and no Java
             raise EvaluationError(str(error)) from None
@@ -584,15 +625,24 @@ def best_label(results: dict[str, dict[str, float]]) -> str:
     return max(labels, key=lambda label: results[label]["bleu_4"])
 
 
-def format_table(results: dict[str, dict[str, float]], retrieval: dict[str, Any] | None = None) -> str:
-    """Beam size x metric, in percent with one decimal as in the paper (CIDEr x 100 too)."""
+def format_table(
+    results: dict[str, dict[str, float]], retrieval: dict[str, Any] | None = None, tokenizer: str = "ptb"
+) -> str:
+    """
+    Beam size x metric, in percent with one decimal as in the paper (CIDEr x 100 too); approximate scores
+    say so above the table and in every row.
+    """
+    from show_attend_tell.metrics import TOKENIZATION_LABELS
+
+    approximate = tokenizer == "approximate"
     columns = [(key, name) for key, name in TABLE_COLUMNS if any(key in s for s in results.values())]
     rows = [["Decoding", *(name for _, name in columns)]]
     for label, scores in results.items():
         decoding = label.replace("beam_", "beam ") if label.startswith("beam_") else label
+        decoding += " (approx.)" if approximate else ""
         rows.append([decoding, *(f"{100 * scores[key]:.1f}" if key in scores else "-" for key, _ in columns)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
+    lines = [f"scores: {TOKENIZATION_LABELS[tokenizer]}"] if approximate else []
     for n, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [
             cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)
@@ -616,7 +666,7 @@ def format_table(results: dict[str, dict[str, float]], retrieval: dict[str, Any]
 
 
 def card_results(
-    results: dict[str, dict[str, float]], dataset_name: str, split: str, which: str
+    results: dict[str, dict[str, float]], dataset_name: str, split: str, which: str, tokenizer: str = "ptb"
 ) -> dict[str, Any]:
     """The results in the shape `show_attend_tell.hub.render_model_card` reads."""
     labels = [best_label(results)] if which == "best" else list(results)
@@ -624,7 +674,7 @@ def card_results(
     for label in labels:
         beams = int(label.removeprefix("beam_")) if label.startswith("beam_") else None
         entries.append({"num_beams": beams, "metrics": dict(results[label])})
-    return {"dataset": dataset_name, "split": split, "results": entries}
+    return {"dataset": dataset_name, "split": split, "tokenization": tokenizer, "results": entries}
 
 
 def update_model_card(card_path: Path, eval_results: dict[str, Any]) -> None:
@@ -675,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     timings: dict[str, Any] = {}
+    tokenizer = tokenization(args)  # before any work: without Java there are no official scores to give
 
     rows = load_split(args)
     references = references_by_id(rows)
@@ -696,7 +747,7 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise EvaluationError("--bf16: this GPU does not support bfloat16")
-        model, processor = load_model(args.model, device)
+        model, processor = load_model(args.model, device, args.trust_remote_code)
         from show_attend_tell.hub import set_decoding_options
 
         try:
@@ -721,7 +772,9 @@ def run(args: argparse.Namespace) -> int:
     for label, texts in captions.items():
         tick = time.perf_counter()
         try:
-            results[label], caught = score(texts, reference_lists, args.metrics, args.meteor_timeout)
+            results[label], caught = score(
+                texts, reference_lists, args.metrics, args.meteor_timeout, tokenizer
+            )
         except EvaluationError as error:
             scoring_error = error
             break
@@ -733,15 +786,18 @@ def run(args: argparse.Namespace) -> int:
 
     if results:
         print()
-        print(format_table(results, retrieval))
+        print(format_table(results, retrieval, tokenizer))
     if len(results) > 1 and all("bleu_4" in s for s in results.values()):
         print(f"best by BLEU-4: {best_label(results).replace('beam_', 'beam ')}")
+
+    from show_attend_tell.metrics import TOKENIZATION_LABELS
 
     report = {
         "model": args.model,
         "dataset": args.dataset,
         "split": args.split,
         "num_images": len(image_ids),
+        "tokenization": tokenizer,
         "results": results,
         "predictions": {
             label: [
@@ -764,9 +820,7 @@ def run(args: argparse.Namespace) -> int:
             "max_samples": args.max_samples,
             "data_dir": args.data_dir,
             "dataset_options": args.dataset_options,
-            # compute_caption_metrics(tokenizer="auto"): the Stanford PTB tokeniser (Java) when METEOR runs,
-            # otherwise its pure-Python equivalent; both follow coco-caption.
-            "tokenization": "coco-caption PTB (Java with METEOR, else the pure-Python equivalent)",
+            "tokenization": TOKENIZATION_LABELS[tokenizer],
         },
         "timings": timings,
         "warnings": messages,
@@ -782,7 +836,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.update_model_card is not None:
         split_name = args.split if args.max_samples is None else f"{args.split} (first {len(image_ids)})"
-        eval_results = card_results(results, dataset_display_name(args.dataset), split_name, args.card_beams)
+        eval_results = card_results(
+            results, dataset_display_name(args.dataset), split_name, args.card_beams, tokenizer
+        )
         update_model_card(args.update_model_card, eval_results)
         print(f"model card updated: {args.update_model_card}")
     return 0

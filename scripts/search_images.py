@@ -16,18 +16,37 @@ Output: per query, one line per hit (`rank<TAB>score<TAB>image`), or a JSON arra
 query: FILE.png for the first, FILE-2.png for the second, ...). `--recall` prints Recall@1/5/10 of
 text-to-image retrieval over the dataset split instead (each caption queries the split's images).
 Unreadable images are skipped with a one-line warning; errors in the arguments exit with status 2.
+
+At scale, a caption index (see `show_attend_tell.caption_index`): every picture is captioned once with its
+n-best captions, the captions go into an embedded BM25 full-text index (a folder, nothing to start), and a
+query re-ranks only the index's best candidates with the model:
+
+    python scripts/search_images.py build --model MODEL --index photos.index photos/   # resumable
+    accelerate launch scripts/search_images.py build --model MODEL --index photos.index photos/
+    python scripts/search_images.py add --model MODEL --index photos.index new-photos/
+    python scripts/search_images.py remove --index photos.index photos/old.jpg
+    python scripts/search_images.py --model MODEL --index photos.index "a dog on the beach"
+    python scripts/search_images.py --model MODEL --index photos.index --images photos/ "a dog"  # cached features
+
+`build` and `add` take the inputs of scripts/caption.py (files, folders, globs, URLs, `--list`, `--dataset`)
+and run its captioning (split between processes under `accelerate launch`; a killed run continues where it
+stopped when the same command is run again). The index records the model and generation settings and
+refuses another model. A query that cannot match (no words, only unknown or common words) prints its reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 PROG = "search_images.py"
+INDEX_COMMANDS = ("build", "add", "remove")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -36,7 +55,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("queries", nargs="*", help="one or more text queries")
     parser.add_argument("--model", required=True, help="model folder or Hub repository id")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
+        "only for folders you trust (default: never)",
+    )
+    parser.add_argument(
+        "--index",
+        type=Path,
+        help="a caption index (made by `build`): search its best candidates instead of every image",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=100,
+        help="with --index: pictures proposed by the index and re-ranked by the model (default: 100)",
+    )
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", type=Path, help="a folder of images (searched recursively)")
     source.add_argument("--dataset", help="a load_caption_dataset source (synthetic, flickr30k, a path, ...)")
     parser.add_argument("--split", default="test", help="the dataset split (default: test)")
@@ -56,6 +92,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)"
     )
     args = parser.parse_args(argv)
+    if args.index is None and args.images is None and args.dataset is None:
+        parser.error("give --images FOLDER, --dataset SOURCE or --index PATH")
+    if args.index is not None and args.recall:
+        parser.error("--recall ranks every image; benchmarks/bench_search.py compares it with --index")
     if args.recall and args.dataset is None:
         parser.error("--recall needs --dataset (the captions are the queries)")
     if not args.recall and not args.queries:
@@ -63,7 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.images is not None and not args.images.is_dir():
         # Checked before torch is even imported: a typo should not cost seconds of loading.
         parser.error(f"--images {args.images}: not a folder")
-    for name in ("top_k", "batch_size", "encode_batch_size", "max_images"):
+    for name in ("top_k", "batch_size", "encode_batch_size", "max_images", "candidates"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -76,14 +116,20 @@ def figure_path(base: Path, position: int) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in INDEX_COMMANDS:
+        return index_main(argv[0], argv[1:])
     args = parse_args(argv)
     import torch
     from transformers.utils import logging as transformers_logging
 
+    from show_attend_tell.caption_index import CaptionIndexError
     from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
     from show_attend_tell.retrieval import (
         CaptionRetriever,
         ImageGallery,
+        IndexedRetriever,
+        encode_gallery,
         retrieval_recall,
         save_search_figure,
     )
@@ -99,16 +145,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model, processor = load_model_and_processor(args.model, device=device)
+        model, processor = load_model_and_processor(
+            args.model, device=device, trust_remote_code=args.trust_remote_code
+        )
     except (OSError, UnsafeWeightsError, ValueError) as error:
         return fail(f"cannot load the model: {error}")
 
     cache = {"cache_dir": args.cache_dir, "use_cache": not args.no_cache}
+    gallery = split = None
     try:
         if args.images is not None:
             gallery = ImageGallery.from_folder(args.images)
-            split = None
-        else:
+        elif args.dataset is not None:
             from show_attend_tell.data import load_caption_dataset
 
             dataset = load_caption_dataset(
@@ -140,23 +188,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     try:
-        retriever = CaptionRetriever(
-            model,
-            processor,
-            gallery,
-            batch_size=args.batch_size,
-            encode_batch_size=args.encode_batch_size,
-            **cache,
-        )
-    except ValueError as error:  # no readable image at all
+        if args.index is not None:
+            # With a gallery, its encoder features (cached on disk after the first time) serve the
+            # re-ranking; without one the encoder runs on each query's candidates.
+            features = None
+            if gallery is not None:
+                features = encode_gallery(
+                    model, processor, gallery, batch_size=args.encode_batch_size, **cache
+                )
+            retriever = IndexedRetriever(
+                model,
+                processor,
+                args.index,
+                gallery=gallery,
+                features=features,
+                candidates=args.candidates,
+                batch_size=args.batch_size,
+                encode_batch_size=args.encode_batch_size,
+            )
+        else:
+            retriever = CaptionRetriever(
+                model,
+                processor,
+                gallery,
+                batch_size=args.batch_size,
+                encode_batch_size=args.encode_batch_size,
+                **cache,
+            )
+    except ValueError as error:  # no readable image at all; a missing, damaged or foreign index
         return fail(error)
 
     results = []
     for position, query in enumerate(args.queries):
         try:
             result = retriever.search(query, top_k=args.top_k, return_attention=args.figure is not None)
-        except ValueError as error:
+        except (ValueError, CaptionIndexError) as error:
             return fail(error)
+        if result.reason:
+            print(f"{PROG}: {query!r}: no results: {result.reason}", file=sys.stderr)
         if result.unknown_words:
             print(
                 f"{PROG}: warning: {query!r}: words the model does not know: {', '.join(result.unknown_words)}",
@@ -164,14 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         figure = None
         if args.figure is not None:
-            figure = save_search_figure(figure_path(args.figure, position), result, gallery)
+            # An index search carries its own gallery (the candidates); hit.index refers to it.
+            figure = save_search_figure(figure_path(args.figure, position), result, result.gallery or gallery)
         results.append(
             {
                 "query": query,
                 "unknown_words": result.unknown_words,
                 "figure": str(figure) if figure else None,
                 "hits": [
-                    {"rank": hit.rank, "score": hit.score, "image": hit.image_id} for hit in result.hits
+                    {"rank": hit.rank, "score": hit.score, "image": hit.image_id}
+                    | ({"captions": list(hit.captions)} if hit.captions else {})
+                    for hit in result.hits
                 ],
             }
         )
@@ -179,9 +251,197 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"# {query}" + (f"  (figure: {figure})" if figure else ""))
             for hit in result.hits:
                 print(f"{hit.rank}\t{hit.score:.4f}\t{hit.image_id}")
+        if args.index is not None:
+            results[-1].update(reason=result.reason, candidates=result.candidates)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The caption index: build, add, remove
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_index_args(command: str, argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} {command}",
+        description={
+            "build": "Caption every picture (n-best beam search) and index the captions; run again to resume.",
+            "add": "Caption new pictures and add them to an existing caption index.",
+            "remove": "Remove pictures from a caption index by id (as search prints them).",
+        }[command],
+    )
+    parser.add_argument("--index", type=Path, required=True, help="the index folder")
+    if command == "remove":
+        parser.add_argument(
+            "ids", nargs="*", help="picture ids (the paths as given to build, or dataset ids)"
+        )
+        parser.add_argument("--list", help="a text file with one id per line")
+        args = parser.parse_args(argv)
+        if not args.ids and not args.list:
+            parser.error("give picture ids or --list FILE")
+        return args
+    parser.add_argument("images", nargs="*", help="image files, folders (scanned recursively), globs or URLs")
+    parser.add_argument("--model", required=True, help="model folder or Hub repository id")
+    parser.add_argument("--list", help="a text file with one image path or URL per line")
+    parser.add_argument("--dataset", help="index a dataset split instead: a load_caption_dataset source")
+    parser.add_argument("--split", default="test", help="the dataset split (default: test)")
+    parser.add_argument("--data-dir", help="data_dir for the dataset source")
+    parser.add_argument("--limit", type=int, help="only the first N images")
+    parser.add_argument("--num-beams", type=int, default=5, help="beam size (default: 5)")
+    parser.add_argument(
+        "--num-return-sequences", type=int, default=5, help="captions indexed per picture (default: 5)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per generate() call, per process")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes that decode images")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_intermixed_args(argv)
+    if not args.images and not args.list and not args.dataset:
+        parser.error("give images, folders or globs, --list FILE, or --dataset SOURCE")
+    for name in ("num_beams", "num_return_sequences", "max_new_tokens", "batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_return_sequences > args.num_beams:
+        parser.error("--num-return-sequences cannot exceed --num-beams")
+    return args
+
+
+def _caption_script():
+    """scripts/caption.py as a module: the index is built by the same captioning run as `caption.py --output`."""
+    spec = importlib.util.spec_from_file_location(
+        "show_attend_tell_caption_script", Path(__file__).with_name("caption.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def caption_arguments(args: argparse.Namespace, output: Path) -> list[str]:
+    """The scripts/caption.py command line that captions this build's pictures into `output`."""
+    argv = [*args.images, "--model", args.model, "--output", str(output)]
+    argv += ["--num-beams", str(args.num_beams), "--num-return-sequences", str(args.num_return_sequences)]
+    argv += [
+        "--batch-size",
+        str(args.batch_size),
+        "--num-workers",
+        str(args.num_workers),
+        "--dtype",
+        args.dtype,
+    ]
+    for name in ("list", "dataset", "data_dir", "limit", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if args.dataset:
+        argv += ["--split", args.split]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def index_main(command: str, argv: Sequence[str]) -> int:
+    args = parse_index_args(command, argv)
+    from show_attend_tell.caption_index import (
+        META_FILE,
+        CaptionIndex,
+        CaptionIndexError,
+        pictures_from_caption_rows,
+    )
+
+    def fail(message: object) -> int:
+        print(f"{PROG} {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+
+    if command == "remove":
+        ids = list(args.ids)
+        try:
+            if args.list:
+                with open(args.list, encoding="utf-8") as file:
+                    ids.extend(line.strip() for line in file if line.strip())
+            index = CaptionIndex.open(args.index)
+            removed = index.remove(ids)
+            left = len(index)
+        except (OSError, CaptionIndexError) as error:
+            return fail(error)
+        print(f"{PROG} remove: {removed} of {len(set(ids))} pictures removed, {left} left", file=sys.stderr)
+        return 0 if removed == len(set(ids)) else 1
+
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
+    from show_attend_tell.retrieval import index_model_record
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    # Every process of an `accelerate launch` run checks the index, so that all of them stop together on a
+    # refusal; only the first (RANK 0) creates and writes it.
+    is_main = os.environ.get("RANK", "0") == "0"
+    try:
+        model, processor = load_model_and_processor(
+            args.model, device="cpu", dtype=getattr(torch, args.dtype)
+        )
+        record = index_model_record(
+            model,
+            processor,
+            num_beams=args.num_beams,
+            num_return_sequences=args.num_return_sequences,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except (OSError, UnsafeWeightsError, ValueError) as error:
+        return fail(f"cannot load the model: {error}")
+    del model
+    try:
+        if command == "add" or (args.index / META_FILE).exists():
+            index = CaptionIndex.open(args.index, record)  # refuses another model, in every process
+        elif is_main:
+            index = CaptionIndex.create(args.index, record)
+        else:
+            index = None  # the main process creates it
+    except CaptionIndexError as error:
+        return fail(error)
+
+    # The captions of this run go to a file in the index folder: caption.py resumes from it (and from the
+    # parts of a killed run), and it is removed only once its pictures are committed to the index.
+    pending = args.index / "pending.jsonl"
+    caption = _caption_script()
+    caption_argv = caption_arguments(args, pending)
+    if not args.dataset:
+        # Pictures already in the index are not captioned again (a finished build run again, or `add` of a
+        # folder that grew): the rest go to caption.py as a list. Dataset rows are always captioned.
+        try:
+            keys = caption.collect_inputs(caption.parse_args(caption_argv)).keys
+        except OSError as error:
+            return fail(error)
+        # No index yet in this process: the main process is creating it, empty.
+        new = keys if index is None else [key for key in keys if key not in index]
+        if len(new) < len(keys) and is_main:
+            print(f"{PROG} {command}: {len(keys) - len(new)} pictures already indexed", file=sys.stderr)
+        if not new and not pending.is_file():
+            return 0
+        listed = args.index / f"pending-{os.environ.get('RANK', '0')}.list"
+        listed.write_text("".join(f"{key}\n" for key in new), encoding="utf-8")
+        caption_argv = caption_arguments(
+            argparse.Namespace(**{**vars(args), "images": [], "list": str(listed)}), pending
+        )
+    status = caption.main(caption_argv)
+    if not args.dataset:
+        listed.unlink(missing_ok=True)
+    if status == 2 or not is_main:
+        return status
+    try:
+        added = index.add(pictures_from_caption_rows(pending)) if pending.is_file() else 0
+        total = len(index)
+    except (OSError, CaptionIndexError) as error:
+        return fail(error)
+    pending.unlink(missing_ok=True)
+    print(f"{PROG} {command}: {added} pictures indexed, {total} in {args.index}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -8,12 +8,23 @@ Endpoints:
   ``return_attention`` (false). Answers ``{"caption", "tokens", "num_beams", "max_new_tokens"}`` plus,
   with ``return_attention``, ``attention`` (one map of ``h * w`` weights per token, row-major) and
   ``attention_shape`` (``[tokens, h, w]``).
-* ``GET /health``: ``{"status": "ok", "model", "device", "batching", "stats"}``.
-* ``GET /stats``: the counters alone (requests, batches, largest batch, errors).
+* ``GET /health``: ``{"status": "ok", "model", "device", "batching", "decoding", "body_timeout_s", "stats"}``.
+* ``GET /stats``: the counters alone (requests, batches, largest batch, errors, queued requests, the decode
+  budget's bytes in use and at most so far, requests waiting for it, that waited, refused).
 
-Errors are JSON ``{"detail": "..."}`` with a reason a person can act on: 413 for a request above the
-upload limit or an image with more pixels than allowed, 415 for a file that is not an image Pillow can
-read, 422 for an empty, truncated or corrupt image or a bad option, 503 when the queue is full.
+Errors are JSON ``{"detail": "..."}`` with a reason a person can act on: 408 for a request body that does
+not arrive within the body timeout, 413 for a request above the upload limit, an image with more pixels than
+allowed or one whose decoding alone would take more memory than the decode budget, 415 for a file that is not
+an image Pillow can read, 422 for an empty, truncated or corrupt image or a bad option, 503 (with
+``Retry-After``) when the queue is full or the decode budget stayed in use too long. ``GET /openapi.json`` and
+``/docs`` describe every field with its bounds.
+
+Memory: a picture is decoded only once its decoding cost (its width x height x the peak bytes per pixel
+that decoding and converting its Pillow mode take, read from the header) is reserved from a budget of
+decoded bytes shared by all requests. A request whose cost does not fit waits, first come first served, up
+to ``decode_wait_s``, then gets 503. At most ``decode_threads`` pictures decode at once, and what waits for
+the model is the picture's small model input (3 x 256 x 256 floats), never the decoded picture, so the queue
+of ``max_queue`` requests holds a bounded amount too.
 
 Batching: requests are decoded concurrently, then queued for one background thread that owns the model.
 It takes the first waiting request, keeps collecting for up to ``max_wait_ms`` or until
@@ -30,16 +41,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import io
 import logging
 import math
+import os
 import queue
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +65,10 @@ from .image_processing_show_attend_tell import describe_image_error, to_rgb
 from .pipeline_show_attend_tell import words_and_attention
 
 try:  # at module level because FastAPI resolves the endpoints' string annotations in this namespace
+    from fastapi import UploadFile
     from starlette.requests import Request
 except ImportError:  # the optional [serve] extra is missing: only create_app needs it, and says so
-    Request = Any
+    Request = UploadFile = Any
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -83,6 +98,13 @@ DEFAULT_MAX_BEAMS = 10
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 100
 DEFAULT_QUEUE_SIZE = 256
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
+#: Enough to decode one picture of DEFAULT_MAX_IMAGE_PIXELS in any mode (16-bit grey: 32 bytes per pixel).
+DEFAULT_DECODE_BUDGET_BYTES = 2 * 1024**3
+DEFAULT_DECODE_THREADS = min(4, os.cpu_count() or 1)
+#: How long a request waits for its share of the decode budget before it gets 503.
+DEFAULT_DECODE_WAIT_S = 30.0
+#: How long a client may take to send a whole request body (a stalled upload holds a connection and memory).
+DEFAULT_BODY_TIMEOUT_S = 60.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,18 +166,34 @@ class Captioner:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        model_dir: str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
     ) -> Captioner:
-        """Loads a model folder (safetensors only) onto ``device`` (default: CUDA when available)."""
+        """
+        Loads a model folder (safetensors only) onto ``device`` (default: CUDA when available) with
+        `load_model_and_processor`: the folder's code files run only with ``trust_remote_code``.
+        """
         from .hub import load_model_and_processor
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, processor = load_model_and_processor(model_dir, device=device, dtype=dtype)
+        model, processor = load_model_and_processor(
+            model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         return cls(model, processor)
+
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """One RGB picture -> its model input ``(3, height, width)``: small enough to wait in a queue."""
+        return self.processor.image_processor([image], return_tensors="pt")["pixel_values"][0]
 
     def caption_batch(self, images: Sequence[Image.Image], options: CaptionOptions) -> list[CaptionResult]:
         """One generate() call for all ``images`` (RGB PIL images) with the same options; one result per image."""
-        pixel_values = self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+        return self.caption_pixels(torch.stack([self.prepare(image) for image in images]), options)
+
+    def caption_pixels(self, pixel_values: torch.Tensor, options: CaptionOptions) -> list[CaptionResult]:
+        """One generate() call for prepared pictures ``(images, 3, height, width)``; one result per picture."""
         pixel_values = pixel_values.to(self.model.device, dtype=self.model.dtype)
         with torch.inference_mode():
             outputs = self.model.generate(
@@ -178,7 +216,7 @@ class Captioner:
 
 @dataclass
 class _Job:
-    image: Image.Image
+    pixel_values: torch.Tensor  # (3, height, width), from Captioner.prepare
     options: CaptionOptions
     future: concurrent.futures.Future
 
@@ -188,7 +226,8 @@ _STOP = object()
 
 class BatchingCaptioner:
     """
-    Collects captioning requests from many threads and runs them in batches on one worker thread.
+    Collects captioning requests (prepared pictures, see :meth:`Captioner.prepare`) from many threads and runs
+    them in batches on one worker thread.
 
     :meth:`submit` returns a ``concurrent.futures.Future`` at once; the worker takes the first waiting
     request, waits up to ``max_wait_ms`` for more (or until ``max_batch_size`` are waiting), and runs one
@@ -223,16 +262,17 @@ class BatchingCaptioner:
 
     @property
     def stats(self) -> dict[str, int]:
-        """``requests`` captioned or failed, ``batches`` (generate() calls), ``largest_batch``, ``failed``."""
+        """``requests`` captioned or failed, ``batches`` (generate() calls), ``largest_batch``, ``failed``,
+        ``queued`` (waiting now)."""
         with self._lock:
-            return dict(self._stats)
+            return {**self._stats, "queued": self._queue.qsize()}
 
-    def submit(self, image: Image.Image, options: CaptionOptions) -> concurrent.futures.Future:
-        """Queues one image; the future's result is its :class:`CaptionResult`."""
+    def submit(self, pixel_values: torch.Tensor, options: CaptionOptions) -> concurrent.futures.Future:
+        """Queues one prepared picture ``(3, height, width)``; the future's result is its :class:`CaptionResult`."""
         if not self._thread.is_alive():
             raise RuntimeError("the batcher is closed")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put_nowait(_Job(image, options, future))
+        self._queue.put_nowait(_Job(pixel_values, options, future))
         return future
 
     def close(self, timeout: float | None = 10.0) -> None:
@@ -277,7 +317,7 @@ class BatchingCaptioner:
             first.num_beams, first.max_new_tokens, any(job.options.return_attention for job in group)
         )
         try:
-            results = self.captioner.caption_batch([job.image for job in group], options)
+            results = self.captioner.caption_pixels(torch.stack([job.pixel_values for job in group]), options)
         except Exception as error:  # reported to every waiting request; the worker keeps serving
             logger.exception("captioning a batch of %d failed", len(group))
             with self._lock:
@@ -311,11 +351,23 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+#: Peak bytes per pixel of decoding a picture of each Pillow mode and preparing it for the model (decode_image,
+#: then the image processor), measured on 3000 x 3000 pictures and rounded up: 8 to 11 for modes of 8 bits per
+#: channel, 13 to 14 with transparency, 25 for 32-bit integers, 30 for 16-bit grey (to_rgb scales those
+#: through float64 arrays). Any other mode is counted at the 16-bit figure.
+_DECODE_BYTES_PER_PIXEL = {
+    **dict.fromkeys(("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "F"), 12),
+    **dict.fromkeys(("LA", "La", "PA", "RGBA", "RGBa"), 16),
+    "I": 28,
+}
+_MOST_BYTES_PER_PIXEL = 32
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, max_pixels: int | None) -> Iterator[Image.Image]:
     """
-    Decodes uploaded bytes into an upright RGB image, or raises :class:`ImageRejected` with the status:
-    422 for an empty, truncated or corrupt file, 415 for a format Pillow cannot identify (text, PDF, ...),
-    413 for more than ``max_pixels`` pixels (checked from the header, before decoding anything).
+    The picture in ``data`` opened (its header read, nothing decoded) and its size checked; whatever fails,
+    here or in the caller's block, is raised as :class:`ImageRejected` with the status that says why.
     """
     if not data:
         raise ImageRejected(422, "empty file (0 bytes)")
@@ -330,7 +382,7 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS)
                         413,
                         f"image is {width} x {height} = {width * height:,} pixels, more than the {max_pixels:,} allowed",
                     )
-                return to_rgb(image)  # decodes every pixel now: truncated data fails here, not in a batch
+                yield image
     except ImageRejected:
         raise
     except UnidentifiedImageError as error:
@@ -341,31 +393,103 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS)
         raise ImageRejected(422, f"cannot decode the image: {describe_image_error(error)}") from None
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+def decode_cost(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int:
+    """
+    The memory, in bytes, that decoding the picture in ``data`` and preparing it for the model takes at its
+    peak, estimated from the header alone (width x height x the bytes per pixel measured for its Pillow mode).
+    Raises :class:`ImageRejected` as :func:`decode_image` does for what is not a usable image.
+    """
+    with _opened(data, max_pixels) as image:
+        width, height = image.size
+        return width * height * _DECODE_BYTES_PER_PIXEL.get(image.mode, _MOST_BYTES_PER_PIXEL)
 
 
-def _parse_int(name: str, value: str | None, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ImageRejected(422, f"{name} must be an integer, got {value!r}") from None
-    if not low <= number <= high:
-        raise ImageRejected(422, f"{name} must be between {low} and {high}, got {number}")
-    return number
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """
+    Decodes uploaded bytes into an upright RGB image, or raises :class:`ImageRejected` with the status:
+    422 for an empty, truncated or corrupt file, 415 for a format Pillow cannot identify (text, PDF, ...),
+    413 for more than ``max_pixels`` pixels (checked from the header, before decoding anything).
+    """
+    with _opened(data, max_pixels) as image:
+        return to_rgb(image)  # decodes every pixel now: truncated data fails here, not in a batch
 
 
-def _parse_bool(name: str, value: str | None) -> bool:
-    if value is None:
+class DecodeBudget:
+    """
+    The bytes of decoded pictures in flight, shared by all requests. A picture is decoded only once its cost
+    (:func:`decode_cost`) is reserved; the reservation ends when its decoding is over. A request that does not
+    fit waits; waiters are served first come, first served, so small pictures never overtake a large one
+    forever. Used from the event loop's thread only (no locks).
+
+    Args:
+        limit_bytes: the most bytes reserved at any time.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        if limit_bytes < 1:
+            raise ValueError(f"the decode budget must be at least 1 byte, got {limit_bytes}")
+        self.limit = limit_bytes
+        self._in_use = 0
+        self._peak = 0
+        self._waited = 0
+        self._refused = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The limit, the bytes reserved now and at most so far, requests waiting now, that waited, refused."""
+        return {
+            "decode_budget_bytes": self.limit,
+            "decode_bytes_in_use": self._in_use,
+            "decode_bytes_peak": self._peak,
+            "decode_waiting": len(self._waiters),
+            "decode_waited": self._waited,
+            "decode_refused": self._refused,
+        }
+
+    async def acquire(self, cost: int, timeout: float) -> bool:
+        """Reserves ``cost`` bytes; False (and nothing reserved) when they were not free within ``timeout`` s."""
+        if cost > self.limit:
+            raise ValueError(f"{cost:,} bytes can never fit in a decode budget of {self.limit:,}")
+        if not self._waiters and self._in_use + cost <= self.limit:
+            self._reserve(cost)
+            return True
+        self._waited += 1
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((cost, waiter))
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        except asyncio.CancelledError:  # the request was given up while it waited
+            if waiter.done():
+                self.release(cost)
+            else:
+                self._leave(cost, waiter)
+            raise
+        if waiter.done():
+            return True
+        self._leave(cost, waiter)
+        self._refused += 1
         return False
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ImageRejected(422, f"{name} must be true or false, got {value!r}")
+
+    def release(self, cost: int) -> None:
+        """Ends a reservation of ``cost`` bytes, and lets the next waiters in that now fit."""
+        self._in_use -= cost
+        self._admit()
+
+    def _reserve(self, cost: int) -> None:
+        self._in_use += cost
+        self._peak = max(self._peak, self._in_use)
+
+    def _leave(self, cost: int, waiter: asyncio.Future) -> None:
+        waiter.cancel()
+        self._waiters.remove((cost, waiter))
+        self._admit()  # the ones behind it may fit now that it no longer holds the line
+
+    def _admit(self) -> None:
+        while self._waiters and self._in_use + self._waiters[0][0] <= self.limit:
+            cost, waiter = self._waiters.popleft()
+            self._reserve(cost)
+            waiter.set_result(None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,20 +497,29 @@ def _parse_bool(name: str, value: str | None) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-class RequestTooLarge(Exception):
-    """Raised while reading a request body that grows past the limit (no or a false Content-Length)."""
-
-
-class BodySizeLimit:
+class BodyLimits:
     """
-    ASGI middleware: refuses bodies above ``max_bytes`` with 413. A declared Content-Length is checked
-    before anything is read; a chunked or mis-declared body is counted as it arrives and stopped at the
-    limit, so an endless upload never fills memory or disk.
+    ASGI middleware bounding request bodies in size and in time.
+
+    A body above ``max_bytes`` gets 413: a declared Content-Length is checked before anything is read, and a
+    chunked or mis-declared body is counted as it arrives and stopped at the limit, so an endless upload never
+    fills memory or disk. A body that is not complete ``timeout_s`` seconds after the request's headers gets
+    408, so that stalled uploads do not hold connections and memory forever. Either answer closes the
+    connection (the rest of the body is never read); the application is told that the client left, and what
+    it answers then is dropped. ``on_reject`` is called for each such answer (the service counts them).
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: Any,
+        max_bytes: int,
+        timeout_s: float | None = None,
+        on_reject: Callable[[], None] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.on_reject = on_reject
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -394,26 +527,88 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            from starlette.responses import JSONResponse
-
-            response = JSONResponse({"detail": self.message(int(declared))}, status_code=413)
-            await response(scope, receive, send)
+            await self._answer(scope, receive, send, 413, self.too_large(int(declared)))
             return
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
         received = 0
+        complete = started = answered = False
 
-        async def counting_receive() -> dict:
-            nonlocal received
-            message = await receive()
+        async def refuse(status: int, reason: str) -> dict:
+            nonlocal answered
+            if not started:  # an application that already answered keeps its answer
+                await self._answer(scope, receive, send, status, reason)
+                answered = True
+            return {"type": "http.disconnect"}
+
+        async def limited_receive() -> dict:
+            nonlocal received, complete
+            if answered:
+                return {"type": "http.disconnect"}
+            if complete or deadline is None:
+                message = await receive()  # after the body only the client's leaving is awaited: no deadline
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                    return await refuse(
+                        408, f"the request body did not arrive within {self.timeout_s:g} s; send it at once"
+                    )
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise RequestTooLarge(self.message(received))
+                    return await refuse(413, self.too_large(received))
+                complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if answered:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-    def message(self, size: int) -> str:
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not answered:
+                raise
+            # The application's reaction to the client's leaving (ClientDisconnect), after our answer: no error.
+
+    async def _answer(self, scope: dict, receive: Any, send: Any, status: int, reason: str) -> None:
+        from starlette.responses import JSONResponse
+
+        if self.on_reject is not None:
+            self.on_reject()
+        response = JSONResponse({"detail": reason}, status_code=status, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+    def too_large(self, size: int) -> str:
         return f"request body of {size:,} bytes or more is larger than the limit of {self.max_bytes:,} bytes"
+
+
+#: Retry-After (seconds) of a 503: the queue and the decode budget drain within about a batch's time.
+RETRY_AFTER_S = 1
+
+
+class _Busy(Exception):
+    """The service cannot take the request now (503 with Retry-After)."""
+
+
+def _validation_reason(error: dict[str, Any], bounds: dict[str, tuple[int, int]]) -> str:
+    """One of FastAPI's validation errors of a /caption field, in the service's words."""
+    name = str(error["loc"][-1])
+    got = error.get("input")
+    if name == "image":
+        return 'no image: send the picture as a multipart file field named "image" (curl -F image=@photo.jpg)'
+    if name in bounds and error["type"] in ("greater_than_equal", "less_than_equal"):
+        low, high = bounds[name]
+        return f"{name} must be between {low} and {high}, got {got}"
+    if error["type"] == "int_parsing":
+        return f"{name} must be an integer, got {got!r}"
+    if error["type"] == "bool_parsing":
+        return f"{name} must be true or false, got {got!r}"
+    return f"{name}: {error['msg']}"
 
 
 def create_app(
@@ -427,31 +622,43 @@ def create_app(
     max_new_tokens_limit: int = DEFAULT_MAX_NEW_TOKENS_LIMIT,
     max_queue: int = DEFAULT_QUEUE_SIZE,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
+    decode_budget_bytes: int = DEFAULT_DECODE_BUDGET_BYTES,
+    decode_threads: int = DEFAULT_DECODE_THREADS,
+    decode_wait_s: float = DEFAULT_DECODE_WAIT_S,
 ) -> FastAPI:
     """
-    The FastAPI application serving ``captioner`` (see the module docstring for the endpoints). The batching
-    worker starts with the application (its lifespan) and stops with it, after finishing queued requests.
+    The FastAPI application serving ``captioner`` (see the module docstring for the endpoints and limits). The
+    batching worker and the decoding threads start with the application (its lifespan) and stop with it, after
+    finishing queued requests.
     """
-    import contextlib
-
     try:
-        from fastapi import FastAPI
+        from fastapi import FastAPI, File, Form, Query
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse
+        from pydantic import BaseModel, Field
     except ImportError as error:
         raise ImportError(
             'the HTTP service needs FastAPI and uvicorn: pip install "show-attend-tell[serve]"'
         ) from error
     from starlette.concurrency import run_in_threadpool
 
+    if decode_threads < 1:
+        raise ValueError(f"decode_threads must be at least 1, got {decode_threads}")
     counters = {"received": 0, "rejected": 0}
-    state: dict[str, BatchingCaptioner] = {}
+    budget = DecodeBudget(decode_budget_bytes)
+    state: dict[str, Any] = {}
+    bounds = {"num_beams": (1, max_beams), "max_new_tokens": (1, max_new_tokens_limit)}
+    default_max_new_tokens = min(captioner.default_max_new_tokens, max_new_tokens_limit)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         state["batcher"] = BatchingCaptioner(captioner, max_batch_size, max_wait_ms, max_queue)
+        state["decoders"] = concurrent.futures.ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
         try:
             yield
         finally:
+            await run_in_threadpool(state["decoders"].shutdown)
             await run_in_threadpool(state["batcher"].close)
 
     app = FastAPI(
@@ -459,19 +666,25 @@ def create_app(
         description="Caption an image: POST it to /caption as a multipart file field named `image`.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
 
-    def reject(status: int, reason: str) -> JSONResponse:
+    def count_rejection() -> None:
         counters["rejected"] += 1
-        return JSONResponse({"detail": reason}, status_code=status)
 
-    @app.exception_handler(RequestTooLarge)
-    async def too_large(_: Request, error: RequestTooLarge) -> JSONResponse:
-        return reject(413, str(error))
+    app.add_middleware(
+        BodyLimits, max_bytes=max_upload_bytes, timeout_s=body_timeout_s, on_reject=count_rejection
+    )
+
+    def reject(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        count_rejection()
+        return JSONResponse({"detail": reason}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return reject(422, "; ".join(dict.fromkeys(_validation_reason(e, bounds) for e in error.errors())))
 
     def stats() -> dict[str, int]:
         batcher = state.get("batcher")
-        return {**counters, **(batcher.stats if batcher else {})}
+        return {**counters, **(batcher.stats if batcher else {}), **budget.stats}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -479,7 +692,13 @@ def create_app(
             "status": "ok",
             "model": captioner.name,
             "device": str(captioner.model.device),
-            "batching": {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms},
+            "batching": {
+                "max_batch_size": max_batch_size,
+                "max_wait_ms": max_wait_ms,
+                "max_queue": max_queue,
+            },
+            "decoding": {"threads": decode_threads, "budget_bytes": budget.limit, "wait_s": decode_wait_s},
+            "body_timeout_s": body_timeout_s,
             "stats": stats(),
         }
 
@@ -487,55 +706,114 @@ def create_app(
     async def get_stats() -> dict[str, int]:
         return stats()
 
-    @app.post("/caption")
-    async def caption(request: Request) -> JSONResponse:
+    async def prepare(data: bytes) -> torch.Tensor:
+        """The uploaded picture as model input, decoded once its cost is reserved from the decode budget."""
+        cost = await run_in_threadpool(decode_cost, data, max_image_pixels)  # reads the header only
+        if cost > budget.limit:
+            raise ImageRejected(
+                413,
+                f"decoding this picture takes about {cost / 2**20:,.0f} MiB, more than the decode budget of "
+                f"{budget.limit / 2**20:,.0f} MiB",
+            )
+        if not await budget.acquire(cost, decode_wait_s):
+            raise _Busy("the server is busy (decoding other pictures); retry shortly")
+        loop = asyncio.get_running_loop()
+        decoding = state["decoders"].submit(lambda: captioner.prepare(decode_image(data, max_image_pixels)))
+        # Released when the decoding thread is done, even if this request is given up before.
+        decoding.add_done_callback(lambda _: loop.call_soon_threadsafe(budget.release, cost))
+        return await asyncio.wrap_future(decoding)
+
+    class CaptionAnswer(BaseModel):
+        caption: str = Field(description="the caption, words joined by spaces")
+        tokens: list[str] = Field(description="its words, `<unk>` included")
+        num_beams: int
+        max_new_tokens: int
+        attention: list[list[float]] | None = Field(
+            None, description="with return_attention: per token, its h * w attention weights, row-major"
+        )
+        attention_shape: list[int] | None = Field(None, description="with return_attention: [tokens, h, w]")
+
+    class Problem(BaseModel):
+        detail: str = Field(description="what is wrong, in one line")
+
+    errors = {
+        408: "the request body did not arrive in time",
+        413: "upload, picture or its decoding memory above the limits",
+        415: "not an image, or an unsupported content type",
+        422: "empty, truncated or corrupt image, or a bad option",
+        503: "busy: queue full or decode budget in use (see Retry-After)",
+    }
+
+    def option(location: Any, name: str, description: str, **bounds: int) -> Any:
+        """One /caption option, as a form field or a query parameter of the same name (the form wins)."""
+        return location(None, alias=name, description=description, **bounds)
+
+    beams_doc = f"beam width (default {captioner.default_num_beams})"
+    length_doc = f"most words generated (default {default_max_new_tokens})"
+    attention_doc = "also return each word's attention map (default false)"
+    picture = File(None, description="the picture (JPEG, PNG, WebP, ...)")
+
+    @app.post(
+        "/caption",
+        response_model=CaptionAnswer,
+        response_model_exclude_none=True,
+        responses={status: {"model": Problem, "description": text} for status, text in errors.items()},
+        summary="Caption one picture",
+        description="The picture as a multipart file field `image`, or the raw bytes as the body with an "
+        "`image/*` content type. Options as form fields or query parameters.",
+    )
+    async def caption(
+        request: Request,
+        image: UploadFile | None = picture,
+        form_num_beams: int | None = option(Form, "num_beams", beams_doc, ge=1, le=max_beams),
+        form_max_new_tokens: int | None = option(
+            Form, "max_new_tokens", length_doc, ge=1, le=max_new_tokens_limit
+        ),
+        form_return_attention: bool | None = option(Form, "return_attention", attention_doc),
+        num_beams: int | None = option(Query, "num_beams", beams_doc, ge=1, le=max_beams),
+        max_new_tokens: int | None = option(
+            Query, "max_new_tokens", length_doc, ge=1, le=max_new_tokens_limit
+        ),
+        return_attention: bool | None = option(Query, "return_attention", attention_doc),
+    ) -> Any:
         counters["received"] += 1
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        fields: dict[str, str] = dict(request.query_params)
-        if content_type == "multipart/form-data":
-            try:
-                form = await request.form(max_files=1, max_fields=16)
-            except RequestTooLarge:  # answered with 413 by the exception handler above
-                raise
-            except Exception as error:  # a malformed multipart body, or more than one file
-                return reject(422, f"cannot read the multipart form: {' '.join(str(error).split())}")
-            upload = form.get("image")
-            fields.update({key: value for key, value in form.items() if isinstance(value, str)})
-            if upload is None or isinstance(upload, str):
-                return reject(
-                    422,
-                    'no image: send the picture as a multipart file field named "image" (curl -F image=@photo.jpg)',
-                )
-            data = await upload.read()
-        elif content_type.startswith("image/") or content_type == "application/octet-stream":
-            data = await request.body()
+        if image is not None:
+            data = await image.read()
         else:
-            return reject(
-                415,
-                f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data with a file "
-                'field named "image", or the image bytes with an image/* content type',
-            )
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type == "multipart/form-data":
+                return reject(422, _validation_reason({"loc": ("image",)}, bounds))
+            if not (content_type.startswith("image/") or content_type == "application/octet-stream"):
+                return reject(
+                    415,
+                    f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data with a "
+                    'file field named "image", or the image bytes with an image/* content type',
+                )
+            data = await request.body()
+        options = CaptionOptions(
+            num_beams=next(
+                v for v in (form_num_beams, num_beams, captioner.default_num_beams) if v is not None
+            ),
+            max_new_tokens=next(
+                v for v in (form_max_new_tokens, max_new_tokens, default_max_new_tokens) if v is not None
+            ),
+            return_attention=bool(
+                form_return_attention if form_return_attention is not None else return_attention
+            ),
+        )
         try:
-            options = CaptionOptions(
-                num_beams=_parse_int(
-                    "num_beams", fields.get("num_beams"), captioner.default_num_beams, 1, max_beams
-                ),
-                max_new_tokens=_parse_int(
-                    "max_new_tokens",
-                    fields.get("max_new_tokens"),
-                    min(captioner.default_max_new_tokens, max_new_tokens_limit),
-                    1,
-                    max_new_tokens_limit,
-                ),
-                return_attention=_parse_bool("return_attention", fields.get("return_attention")),
-            )
-            image = await run_in_threadpool(decode_image, data, max_image_pixels)
+            pixel_values = await prepare(data)
+            future = state["batcher"].submit(pixel_values, options)
         except ImageRejected as error:
             return reject(error.status, error.reason)
-        try:
-            future = state["batcher"].submit(image, options)
+        except _Busy as error:
+            return reject(503, str(error), {"Retry-After": str(RETRY_AFTER_S)})
         except queue.Full:
-            return reject(503, "the server is busy (too many queued requests); retry shortly")
+            return reject(
+                503,
+                "the server is busy (too many queued requests); retry shortly",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=request_timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
@@ -545,7 +823,7 @@ def create_app(
             return JSONResponse({"detail": "captioning failed (see the server log)"}, status_code=500)
         body = result.to_json(captioner.grid)
         body.update(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens)
-        return JSONResponse(body)
+        return body
 
     return app
 
@@ -560,6 +838,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m show_attend_tell.serve", description="Serve a captioning model over HTTP."
     )
     parser.add_argument("--model", required=True, help="model folder (safetensors weights)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
+        "only for folders you trust (default: never)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -592,17 +876,55 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="largest max_new_tokens accepted",
     )
     parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=DEFAULT_QUEUE_SIZE,
+        help="requests waiting for the model beyond which the service answers 503 (each holds its picture's "
+        f"model input, 0.75 MiB at 256 px; default {DEFAULT_QUEUE_SIZE})",
+    )
+    parser.add_argument(
+        "--decode-budget-mb",
+        type=float,
+        default=DEFAULT_DECODE_BUDGET_BYTES / 2**20,
+        help="memory (MiB) that the pictures being decoded may take together, estimated from each header as "
+        "width x height x 12 bytes (8-bit), 16 (with transparency) or 32 (16-bit); a picture waits for its "
+        f"share up to {DEFAULT_DECODE_WAIT_S:g} s, then gets 503, and one that alone needs more gets 413 "
+        f"(default {DEFAULT_DECODE_BUDGET_BYTES / 2**20:g}: one picture of the default --max-image-pixels in any mode)",
+    )
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=DEFAULT_DECODE_THREADS,
+        help="pictures decoded at once (default: the number of CPU cores, at most 4)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a client has to send a whole request body; a slower or stalled one gets 408 and the "
+        f"connection is closed (default {DEFAULT_BODY_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
-    for name in ("max_batch_size", "max_beams", "max_new_tokens", "max_image_pixels"):
+    for name in (
+        "max_batch_size",
+        "max_beams",
+        "max_new_tokens",
+        "max_image_pixels",
+        "queue_size",
+        "decode_threads",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_upload_mb <= 0 or args.max_wait_ms < 0 or not 0 <= args.port <= 65535:
         parser.error("--max-upload-mb must be positive, --max-wait-ms 0 or more, --port 0 to 65535")
+    if not (args.decode_budget_mb > 0 and args.body_timeout > 0):
+        parser.error("--decode-budget-mb and --body-timeout must be positive")
     return args
 
 
@@ -626,7 +948,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         captioner = Captioner.from_pretrained(
-            args.model, device=args.device, dtype=getattr(torch, args.dtype)
+            args.model,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            trust_remote_code=args.trust_remote_code,
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
         print(f"cannot load the model from {args.model}: {' '.join(str(error).split())}", file=sys.stderr)
@@ -639,6 +964,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_wait_ms=args.max_wait_ms,
         max_beams=args.max_beams,
         max_new_tokens_limit=args.max_new_tokens,
+        max_queue=args.queue_size,
+        body_timeout_s=args.body_timeout,
+        decode_budget_bytes=math.ceil(args.decode_budget_mb * 2**20),
+        decode_threads=args.decode_threads,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
