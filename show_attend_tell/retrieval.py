@@ -474,7 +474,7 @@ def _query_log_likelihood(
     mask = (targets != pad).to(token_log_probs.dtype)
     lengths = mask.sum(dim=1).clamp_min(1.0)
     scores = (token_log_probs * mask).sum(dim=1) / lengths
-    return scores, outputs.cross_attentions if output_attentions else None
+    return scores, outputs.attention_maps if output_attentions else None
 
 
 def score_captions(

@@ -41,8 +41,6 @@ def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path, tiny_mo
     # a stream of batches through generate_overlapped gets each batch's generate(pixel_values) ids
     assert exactness["overlapped_vs_generate"] == 1.0
     assert "stream of 2 batches, overlapped / encoder" in completed.stdout
-    # images whose search has ended are not decoded: never more rows than batch x beams
-    assert 0 < exactness["decoded_row_steps_share"] <= 1.0
     assert result["settings"]["batch_size"] == 8 and result["settings"]["device"] == "cpu"
     # a float32 decoder whose weights are rounded to bf16: the bound on any bf16 computation's agreement
     assert 0 <= exactness["fp32_decoder_with_bf16_rounded_weights"] <= 1

@@ -15,8 +15,9 @@ import torch
 from conftest import sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
-import show_attend_tell.modeling_show_attend_tell as modeling
+import show_attend_tell.fast_decoding_show_attend_tell as fast_decoding
 from show_attend_tell.hub import set_decoding_options
+from show_attend_tell.modeling_show_attend_tell import CACHE_NAME
 
 pytestmark = pytest.mark.compat
 
@@ -37,13 +38,13 @@ def generate(model, features: BaseModelOutput, captured: bool, bf16: bool = Fals
 
 def count_captures(monkeypatch) -> list[int]:
     made = []
-    original = modeling._CapturedStep.__init__
+    original = fast_decoding.CapturedStep.__init__
 
     def counting(self, *args, **kwargs):
         made.append(1)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(modeling._CapturedStep, "__init__", counting)
+    monkeypatch.setattr(fast_decoding.CapturedStep, "__init__", counting)
     return made
 
 
@@ -112,10 +113,10 @@ def test_interleaved_decodings_and_returned_tensors_are_not_overwritten(model):
         model.decoder.capture_steps = captured
         with torch.inference_mode():
             out = model(decoder_input_ids=words[:, :1], encoder_outputs=features, use_cache=True)
-            state, logits = out[modeling.CACHE_NAME], [out.logits]
+            state, logits = out[CACHE_NAME], [out.logits]
             for t in (1, 2):
                 out = model(decoder_input_ids=words[:, t : t + 1], past_key_values=state, use_cache=True)
-                state = out[modeling.CACHE_NAME]
+                state = out[CACHE_NAME]
                 logits.append(out.logits)
         return logits
 
@@ -125,16 +126,16 @@ def test_interleaved_decodings_and_returned_tensors_are_not_overwritten(model):
     with torch.inference_mode():
         out_a = model(decoder_input_ids=words[:, :1], encoder_outputs=a, use_cache=True)
         out_b = model(decoder_input_ids=words[:, :1], encoder_outputs=b, use_cache=True)
-        state_a, state_b = out_a[modeling.CACHE_NAME], out_b[modeling.CACHE_NAME]
+        state_a, state_b = out_a[CACHE_NAME], out_b[CACHE_NAME]
         kept = []
         for t in (1, 2):
             out_a = model(decoder_input_ids=words[:, t : t + 1], past_key_values=state_a, use_cache=True)
             out_b = model(decoder_input_ids=words[:, t : t + 1], past_key_values=state_b, use_cache=True)
-            state_a, state_b = out_a[modeling.CACHE_NAME], out_b[modeling.CACHE_NAME]
-            kept.append((out_a.logits, out_a.cross_attentions, state_a.hidden))
+            state_a, state_b = out_a[CACHE_NAME], out_b[CACHE_NAME]
+            kept.append((out_a.logits, out_a.attention_maps, state_a.hidden))
             assert torch.equal(out_a.logits, expected_a[t]) and torch.equal(out_b.logits, expected_b[t])
     model.decoder.capture_steps = False
-    assert len(model.decoder._captured_steps) == 1
+    assert len(model.decoder.inference_memo.captured_steps) == 1
     assert torch.equal(kept[0][0], expected_a[1])  # two replays later
     assert not torch.equal(kept[0][2], kept[1][2])
 
@@ -143,15 +144,15 @@ def test_new_weights_are_captured_again_and_copies_leave_the_steps_behind(model,
     features = unit_features(3, model.config, seed=10)
     kwargs = {"num_beams": 2, "max_new_tokens": 6}
     generate(model, features, captured=True, **kwargs)
-    assert len(model.decoder._captured_steps) == 1
+    assert len(model.decoder.inference_memo.captured_steps) == 1
     copied, pickled = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
-    assert not copied.decoder._captured_steps and not pickled.decoder._captured_steps
+    assert copied.decoder.inference_memo is None and pickled.decoder.inference_memo is None
     with torch.no_grad():
         model.decoder.output_layer.weight.mul_(-1.0)  # in place: the prepared weights are made again
     expected = generate(model, features, captured=False, **kwargs)
     made = count_captures(monkeypatch)
     assert torch.equal(generate(model, features, captured=True, **kwargs), expected)
-    assert made == [1] and len(model.decoder._captured_steps) == 1
+    assert made == [1] and len(model.decoder.inference_memo.captured_steps) == 1
     assert torch.equal(
         generate(copied, features, captured=True, **kwargs), generate(copied, features, False, **kwargs)
     )
@@ -163,8 +164,8 @@ def test_only_the_latest_shapes_keep_their_captured_steps(model, monkeypatch):
     for beams in (2, 3, 4, 2):  # the step of 2 beams was dropped for the one of 4 and is recorded again
         generate(model, features, captured=True, num_beams=beams, max_new_tokens=5)
     assert len(made) == 4
-    rows = sorted(key[0] for key in model.decoder._captured_steps)
-    assert len(rows) == modeling.CAPTURED_STEPS_KEPT == 2 and rows == [3 * 2, 3 * 4]
+    rows = sorted(key[0] for key in model.decoder.inference_memo.captured_steps)
+    assert len(rows) == fast_decoding.CAPTURED_STEPS_KEPT == 2 and rows == [3 * 2, 3 * 4]
 
 
 def test_decoding_options_are_set_on_a_loaded_model_or_refused_for_older_code(model):

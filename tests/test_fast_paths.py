@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from conftest import bf16_and_float32_logits, sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
-import show_attend_tell.modeling_show_attend_tell as modeling
+import show_attend_tell.fast_decoding_show_attend_tell as fast_decoding
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
-from show_attend_tell.modeling_show_attend_tell import ShowAttendTellAttention
 
 pytestmark = pytest.mark.compat
 
@@ -62,12 +61,13 @@ def test_teacher_forced_forward_equals_the_plain_step(tiny_model, identical_rows
             [[1, 5, 6, 7], [1, 6, 6, 7], [1, 9, 5, 5], [1, 8, 5, 9], [1, 7, 7, 7], [1, 5, 8, 6]]
         )
     with torch.no_grad():
-        fast = tiny_model(encoder_outputs=features, input_ids=input_ids, output_hidden_states=True)
+        kwargs = {"output_hidden_states": True, "output_attentions": True}
+        fast = tiny_model(encoder_outputs=features, input_ids=input_ids, **kwargs)
         tiny_model.decoder.fast_inference = False
-        plain = tiny_model(encoder_outputs=features, input_ids=input_ids, output_hidden_states=True)
+        plain = tiny_model(encoder_outputs=features, input_ids=input_ids, **kwargs)
         tiny_model.decoder.fast_inference = True
     torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast.cross_attentions, plain.cross_attentions, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.cross_attentions[0], plain.cross_attentions[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(
         fast.decoder_hidden_states[0], plain.decoder_hidden_states[0], atol=1e-6, rtol=1e-5
     )
@@ -96,18 +96,17 @@ def test_a_plain_state_continues_on_the_fast_path_and_back(tiny_model):
     )
 
 
-def test_blocked_attention_scores_equal_the_whole_computation(wide_model, monkeypatch):
-    attention = wide_model.decoder.attention
+def test_blocked_attention_scores_equal_the_whole_computation():
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(7, 16, 32, generator=generator)
     query = torch.randn(7, 3, 32, generator=generator)
     weight, bias = torch.randn(32, generator=generator), torch.tensor(0.3)
     expected = torch.relu(keys.unsqueeze(1) + query.unsqueeze(2)) @ weight + bias
-    whole, _ = attention.blocked_scores(keys, query, weight, bias)
+    whole, _ = fast_decoding.blocked_scores(keys, query, weight, bias)
     # blocks of two images, the last one short; the buffer is reused on the next call
-    monkeypatch.setattr(modeling, "CPU_ATTENTION_BLOCK_BYTES", 2 * 3 * 16 * 32 * 4)
-    blocked, scratch = attention.blocked_scores(keys, query, weight, bias)
-    again, scratch_again = attention.blocked_scores(keys, query, weight, bias, scratch)
+    block_bytes = 2 * 3 * 16 * 32 * 4
+    blocked, scratch = fast_decoding.blocked_scores(keys, query, weight, bias, block_bytes=block_bytes)
+    again, scratch_again = fast_decoding.blocked_scores(keys, query, weight, bias, scratch, block_bytes)
     assert scratch.numel() == 2 * 3 * 16 * 32 and scratch_again is scratch
     for scores in (whole, blocked, again):
         torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
@@ -117,7 +116,7 @@ def test_generate_with_blocked_attention_gives_the_same_ids(wide_model, monkeypa
     features = unit_features(5, wide_model.config, seed=8)
     kwargs = {"num_beams": 3, "max_new_tokens": 7, "min_new_tokens": 2}
     whole = generate(wide_model, features, **kwargs)
-    monkeypatch.setattr(modeling, "CPU_ATTENTION_BLOCK_BYTES", 1)  # one image per block
+    monkeypatch.setattr(fast_decoding, "CPU_ATTENTION_BLOCK_BYTES", 1)  # one image per block
     blocked = generate(wide_model, features, **kwargs)
     plain = generate(wide_model, features, fast=False, **kwargs)
     assert torch.equal(whole, blocked) and torch.equal(whole, plain)
@@ -130,106 +129,7 @@ def ending_model():
     return sharpened_tiny_model(40, std=0.5, seed=1, end_bias=2.0)
 
 
-def count_decoded_rows(model, monkeypatch) -> list[int]:
-    """Records how many rows each inference step computes."""
-    rows, step = [], model.decoder._inference_step
-
-    def counting_step(input_ids, *args):
-        rows.append(input_ids.shape[0])
-        return step(input_ids, *args)
-
-    monkeypatch.setattr(model.decoder, "_inference_step", counting_step)
-    return rows
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"length_penalty": 0.0},
-        {},
-        {"early_stopping": True},
-        {"early_stopping": "never"},
-        {"num_return_sequences": 2, "min_new_tokens": 3},
-        {"output_attentions": True},
-    ],
-    ids=["length-penalty-0", "defaults", "early-stopping", "never", "two-returned", "attentions"],
-)
-def test_finished_images_are_not_decoded_and_results_are_unchanged(ending_model, monkeypatch, kwargs):
-    features = unit_features(12, ending_model.config, seed=3)
-    common = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True}
-    rows = count_decoded_rows(ending_model, monkeypatch)
-    fast = generate(ending_model, features, **common, **kwargs)
-    plain = generate(ending_model, features, fast=False, **common, **kwargs)
-    assert torch.equal(fast.sequences, plain.sequences)
-    torch.testing.assert_close(fast.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
-    all_rows = 12 * 4
-    assert rows[0] == 12 and rows[1] == all_rows  # the first step decodes one row per image
-    assert min(rows[1:]) < all_rows, "no step left out the images whose search had ended"
-    if "output_attentions" in kwargs:
-        torch.testing.assert_close(fast.attention_maps, plain.attention_maps, atol=1e-5, rtol=1e-4)
-
-
-def test_a_step_decodes_the_searching_rows_against_the_whole_batch_or_a_copied_subset(ending_model):
-    """
-    The steps that leave finished images out, in each of their cases: the searching images attend to the
-    whole batch's features (nothing copied), to a copy of exactly themselves, and to an earlier copy that
-    also holds images finished since. Each gives the searching rows what decoding every row gives them and
-    leaves the other rows' state alone.
-    """
-    images, rows_per_image = 6, 3
-    rows = images * rows_per_image
-    features = unit_features(images, ending_model.config, seed=4).last_hidden_state
-    decoder = ending_model.decoder
-    generator = torch.Generator().manual_seed(2)
-    masks_and_expected = [  # searching images -> (searching, attended images or None for all, keys' images)
-        ([0, 1, 3, 4, 5], (5, None, 6)),
-        ([1, 3, 4], (3, 3, 3)),  # at most half of the batch is searching: copied
-        ([1, 4], (2, 3, 3)),  # two of the three copied images: the copy is kept
-    ]
-    with torch.inference_mode():
-        words = torch.randint(4, ending_model.config.vocab_size, (rows, 1), generator=generator)
-        cache = decoder(words, features).cache
-        for searching_images, expected in masks_and_expected:
-            words = torch.randint(4, ending_model.config.vocab_size, (rows, 1), generator=generator)
-            every_row = copy.copy(cache)
-            every_row.searching = None
-            reference = decoder(words, features, every_row)
-            cache.searching = torch.zeros(images, dtype=torch.bool)
-            cache.searching[searching_images] = True
-            hidden_before = cache.hidden.clone()
-            skipping = decoder(words, features, cache)
-            decoded = cache.decoded_images
-            attended = None if decoded.attended is None else decoded.attended.numel()
-            assert (decoded.searching.numel(), attended, decoded.keys.shape[0]) == expected
-            searching_rows = torch.tensor(
-                [image * rows_per_image + r for image in searching_images for r in range(rows_per_image)]
-            )
-            other_rows = torch.tensor([row for row in range(rows) if row not in searching_rows])
-            for name in ("logits", "alphas", "lstm_outputs"):
-                torch.testing.assert_close(
-                    getattr(skipping, name)[searching_rows], getattr(reference, name)[searching_rows]
-                )
-            torch.testing.assert_close(
-                skipping.cache.cell[searching_rows], reference.cache.cell[searching_rows]
-            )
-            assert torch.equal(skipping.cache.hidden[other_rows], hidden_before[other_rows])
-            assert not skipping.logits[other_rows].any()
-            cache = skipping.cache
-            cache.searching = None
-
-
-def test_every_row_is_decoded_when_per_step_logits_are_returned(ending_model, monkeypatch):
-    features = unit_features(12, ending_model.config, seed=3)
-    common = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_logits": True}
-    rows = count_decoded_rows(ending_model, monkeypatch)
-    fast = generate(ending_model, features, **common)
-    plain = generate(ending_model, features, fast=False, **common)
-    assert rows[1:] == [12 * 4] * (len(rows) - 1)
-    for fast_logits, plain_logits in zip(fast.logits, plain.logits, strict=True):
-        torch.testing.assert_close(fast_logits, plain_logits, atol=1e-4, rtol=1e-4)
-
-
-def test_the_batch_gives_each_image_its_own_caption_when_finished_images_are_skipped(ending_model):
+def test_the_batch_gives_each_image_its_own_caption_when_images_finish_at_different_steps(ending_model):
     features = unit_features(6, ending_model.config, seed=9)
     kwargs = {"num_beams": 3, "max_new_tokens": 10}
     batched = generate(ending_model, features, **kwargs)
@@ -243,22 +143,20 @@ def test_the_batch_gives_each_image_its_own_caption_when_finished_images_are_ski
 
 
 @pytest.mark.slow
-def test_fused_attention_scores_give_the_same_ids(ending_model, monkeypatch):
+def test_fused_attention_scores_give_the_same_ids(ending_model):
     """`fuse_attention_scores` (torch.compile of the scores: one kernel) changes the speed, not the captions."""
     features = unit_features(12, ending_model.config, seed=3)
     generator = torch.Generator().manual_seed(1)
     keys, query = torch.randn(3, 16, 8, generator=generator), torch.randn(3, 2, 8, generator=generator)
     weight, bias = torch.randn(8, generator=generator), torch.tensor(0.5)
-    expected, _ = ShowAttendTellAttention.blocked_scores(keys, query, weight, bias)
-    torch.testing.assert_close(modeling.fused_attention_scores(keys, query, weight, bias), expected)
+    expected, _ = fast_decoding.blocked_scores(keys, query, weight, bias)
+    torch.testing.assert_close(fast_decoding.fused_attention_scores(keys, query, weight, bias), expected)
     kwargs = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True}
     plain = generate(ending_model, features, fast=False, **kwargs)
     ending_model.decoder.fuse_attention_scores = True
-    rows = count_decoded_rows(ending_model, monkeypatch)
     fused = generate(ending_model, features, **kwargs)
     assert torch.equal(fused.sequences, plain.sequences)
     torch.testing.assert_close(fused.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
-    assert min(rows[1:]) < 12 * 4  # also on the steps that leave finished images out
     fused_bf16 = generate(ending_model, features, autocast=True, **kwargs)
     same = [torch.equal(a, b) for a, b in zip(fused_bf16.sequences, plain.sequences, strict=True)]
     assert sum(same) >= 0.75 * len(same)
@@ -334,18 +232,14 @@ def test_bf16_beam_search_keeps_float32_captions_when_logits_are_large(monkeypat
 
     assert identical(generate(model, features, autocast=True, **kwargs)) >= 0.9 * 48
     # the same step with bf16's logits as they come out of the product
-    monkeypatch.setattr(
-        modeling.ShowAttendTellDecoder,
-        "_exact_top_logits",
-        staticmethod(lambda logits, *args: logits.float()),
-    )
+    monkeypatch.setattr(fast_decoding, "exact_top_logits", lambda logits, *args: logits.float())
     assert identical(generate(model, features, autocast=True, **kwargs)) <= 0.5 * 48
 
 
-@pytest.mark.skipif(not modeling._PACKED_BF16_PRODUCTS, reason="oneDNN without bf16 on this CPU")
+@pytest.mark.skipif(not fast_decoding.PACKED_BF16_PRODUCTS, reason="oneDNN without bf16 on this CPU")
 def test_bf16_products_on_a_cpu_read_prepacked_weights_with_the_same_results(tiny_model, monkeypatch):
     decoder = tiny_model.decoder
-    weights = decoder._inference_weights(torch.bfloat16)
+    weights = fast_decoding.inference_weights(decoder, torch.bfloat16)
     assert set(weights.packed) == {"hidden", "input", "output"}
     assert weights.output_weight is None  # the packed copy replaces it
     generator = torch.Generator().manual_seed(0)
@@ -361,9 +255,8 @@ def test_bf16_products_on_a_cpu_read_prepacked_weights_with_the_same_results(tin
     features = unit_features(16, tiny_model.config, seed=8)
     kwargs = {"num_beams": 3, "max_new_tokens": 8}
     packed_ids = generate(tiny_model, features, autocast=True, **kwargs)
-    monkeypatch.setattr(modeling, "_PACKED_BF16_PRODUCTS", False)
-    decoder._inference_weights_memo = None
-    assert not decoder._inference_weights(torch.bfloat16).packed
+    monkeypatch.setattr(fast_decoding, "PACKED_BF16_PRODUCTS", False)  # remade without packing
+    assert not fast_decoding.inference_weights(decoder, torch.bfloat16).packed
     assert torch.equal(generate(tiny_model, features, autocast=True, **kwargs), packed_ids)
 
 
@@ -373,27 +266,27 @@ def test_a_model_that_has_decoded_in_bf16_can_be_copied_and_pickled(tiny_model, 
     features = unit_features(3, tiny_model.config, seed=2)
     kwargs = {"num_beams": 2, "max_new_tokens": 5}
     ids = generate(tiny_model, features, autocast=True, **kwargs)
-    assert tiny_model.decoder._inference_weights_memo is not None
+    assert tiny_model.decoder.inference_memo is not None
     copied = copy.deepcopy(tiny_model)
     torch.save(tiny_model, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     for other in (copied, loaded):
-        assert other.decoder._inference_weights_memo is None
+        assert other.decoder.inference_memo is None
         assert torch.equal(generate(other, features, autocast=True, **kwargs), ids)
 
 
 def test_a_decoding_prepares_its_weights_once_and_its_cache_can_be_copied(tiny_model, monkeypatch):
     """The cache carries the prepared weights from step to step; a copy or pickle of it leaves them behind."""
-    decoder, calls = tiny_model.decoder, []
-    prepare = decoder._inference_weights
-    monkeypatch.setattr(decoder, "_inference_weights", lambda dtype: calls.append(dtype) or prepare(dtype))
+    calls, prepare = [], fast_decoding.inference_weights
+    monkeypatch.setattr(
+        fast_decoding, "inference_weights", lambda decoder, dtype: calls.append(dtype) or prepare(decoder, dtype)
+    )
     features = unit_features(3, tiny_model.config, seed=2)
     kwargs = {"num_beams": 2, "max_new_tokens": 5, "min_new_tokens": 5, "return_dict_in_generate": True}
     out = generate(tiny_model, features, autocast=True, **kwargs)
     assert calls == [torch.bfloat16]  # once for the decoding, not once per step
     cache = out.get("cache") if "cache" in out else out.get("past_key_values")
     assert cache.inference_weights is not None
-    cache.searching = None  # decode every row below
     copies = [copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))]
     assert all(other.inference_weights is None for other in copies)
     next_words = torch.full((cache.hidden.shape[0], 1), 5)
@@ -432,26 +325,6 @@ def test_channels_last_bf16_end_to_end(tiny_model):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         ids = model.generate(pixel_values=pixels, num_beams=3, max_new_tokens=5)
     assert ids.shape[0] == 3 and ids.dtype == torch.long
-
-
-def test_encoder_runs_a_few_images_at_a_time_on_cpu_with_the_same_features(tiny_model, monkeypatch):
-    pixel_values = torch.randn(5, 3, 64, 64)
-    with torch.no_grad():
-        whole = tiny_model.encoder(pixel_values).last_hidden_state
-        calls = []
-        hook = tiny_model.encoder.resnet.register_forward_hook(
-            lambda m, args, out: calls.append(args[0].shape[0])
-        )
-        monkeypatch.setattr(modeling, "CPU_ENCODER_CHUNK_BYTES", 1)  # one image per ResNet call
-        chunked = tiny_model.encoder(pixel_values).last_hidden_state
-        with_hidden_states = tiny_model.encoder(pixel_values, output_hidden_states=True)
-        hook.remove()
-    assert calls == [1, 1, 1, 1, 1, 5]  # hidden states are computed for the whole batch at once
-    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(with_hidden_states.last_hidden_state, whole, atol=1e-5, rtol=1e-5)
-    assert len(with_hidden_states.hidden_states) == 5
-    with torch.enable_grad():  # training-style calls see the whole batch
-        assert tiny_model.encoder._cpu_inference_chunk(pixel_values) is None
 
 
 def test_the_benchmarks_classic_reference_returns_generates_captions(tiny_model):

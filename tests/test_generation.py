@@ -163,7 +163,7 @@ def test_generated_attentions_equal_teacher_forced_attentions(tiny_model, num_be
     with torch.no_grad():
         forced = tiny_model(
             encoder_outputs=copy.deepcopy(features), input_ids=out.sequences[:, :-1], output_attentions=True
-        ).cross_attentions
+        ).attention_maps
     for row, sequence in enumerate(out.sequences):
         steps = len(generated_tokens(sequence, config.eos_token_id))
         torch.testing.assert_close(maps[row, :steps], forced[row, :steps], atol=1e-5, rtol=1e-4)

@@ -18,7 +18,6 @@ import torch
 from conftest import bf16_and_float32_logits, sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
-import show_attend_tell.modeling_show_attend_tell as modeling
 from show_attend_tell import ShowAttendTellForConditionalGeneration
 from show_attend_tell.overlapped_generation import generate_overlapped
 
@@ -99,32 +98,6 @@ def test_bf16_on_the_gpu_computes_each_rows_likeliest_logits_in_float32(model_pa
     assert logits.dtype == torch.float32
     top = logits.topk(6, dim=-1).indices
     torch.testing.assert_close(logits.gather(-1, top), float32.gather(-1, top), atol=1e-5, rtol=1e-6)
-
-
-@pytest.mark.parametrize("rows_worth_skipping", [0, 10**6], ids=["skipping", "not-skipping"])
-def test_finished_images_on_the_gpu(model_pair, monkeypatch, rows_worth_skipping):
-    """Images whose search has ended are left out on a GPU from GPU_ROWS_WORTH_SKIPPING rows on: same ids."""
-    _, gpu_model = model_pair
-    with torch.no_grad():
-        gpu_model.decoder.output_layer.bias[gpu_model.config.eos_token_id] += 2.0  # captions of 1 to 12 words
-    features = on_gpu(unit_features(12, gpu_model.config, seed=3))
-    kwargs = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True}
-    monkeypatch.setattr(modeling, "GPU_ROWS_WORTH_SKIPPING", rows_worth_skipping)
-    rows, step = [], gpu_model.decoder._inference_step
-
-    def counting_step(input_ids, *args):
-        rows.append(input_ids.shape[0])
-        return step(input_ids, *args)
-
-    monkeypatch.setattr(gpu_model.decoder, "_inference_step", counting_step)
-    fast = generate(gpu_model, features, **kwargs)
-    plain = generate(gpu_model, features, fast=False, **kwargs)
-    assert torch.equal(fast.sequences, plain.sequences)
-    torch.testing.assert_close(fast.sequences_scores, plain.sequences_scores, atol=1e-5, rtol=0)
-    if rows_worth_skipping == 0:
-        assert min(rows[1:]) < 12 * 4
-    else:
-        assert rows[1:] == [12 * 4] * (len(rows) - 1)
 
 
 def test_fused_attention_scores_on_the_gpu(model_pair):

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from conftest import unit_features
 
-import show_attend_tell.modeling_show_attend_tell as modeling
 from show_attend_tell import (
     ShowAttendTellConfig,
     ShowAttendTellForConditionalGeneration,
@@ -134,24 +133,24 @@ def _batch(tokenizer):
 def test_loss_is_cross_entropy_plus_doubly_stochastic_penalty(tiny_model, tokenizer):
     input_ids, labels = _batch(tokenizer)
     pixel_values = torch.randn(2, 3, 64, 64)
-    out = tiny_model(pixel_values=pixel_values, input_ids=input_ids, labels=labels)
+    out = tiny_model(pixel_values=pixel_values, input_ids=input_ids, labels=labels, output_attentions=True)
     rows, steps = input_ids.shape
     assert out.logits.shape == (rows, steps, tiny_model.config.vocab_size)
-    assert out.cross_attentions.shape == (rows, steps, tiny_model.config.num_pixels)
+    assert out.attention_maps.shape == (rows, steps, tiny_model.config.num_pixels)
     valid = labels != -100
     # with labels, the padding after a caption is not decoded: zeros there, the full computation elsewhere
     assert (
         not valid.all()
         and torch.all(out.logits[~valid] == 0)
-        and torch.all(out.cross_attentions[~valid] == 0)
+        and torch.all(out.attention_maps[~valid] == 0)
     )
-    torch.testing.assert_close(out.cross_attentions[valid].sum(-1), torch.ones(int(valid.sum())))
+    torch.testing.assert_close(out.attention_maps[valid].sum(-1), torch.ones(int(valid.sum())))
     full = tiny_model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)
     torch.testing.assert_close(out.logits[valid], full.logits[valid])
-    torch.testing.assert_close(out.cross_attentions[valid], full.cross_attentions[valid])
+    torch.testing.assert_close(out.attention_maps[valid], full.attention_maps[valid])
 
     cross_entropy = F.cross_entropy(full.logits[valid], labels[valid])
-    alpha_sums = (full.cross_attentions * valid.unsqueeze(-1)).sum(1)
+    alpha_sums = (full.attention_maps * valid.unsqueeze(-1)).sum(1)
     penalty = ((1 - alpha_sums) ** 2).mean()
     torch.testing.assert_close(out.loss, cross_entropy + tiny_model.config.alpha_c * penalty)
 
@@ -217,29 +216,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tokenizer):
 
     plain = gradients()
     tiny_model.gradient_checkpointing_enable()
-    assert tiny_model.decoder.gradient_checkpointing
+    assert tiny_model.decoder.attention.gradient_checkpointing
     checkpointed = gradients()
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("block_bytes", [None, 1], ids=["one-block", "row-by-row"])
-def test_attention_scores_gradients(monkeypatch, block_bytes):
-    """The blocked attention scores (recomputed in the backward pass) have exact gradients."""
-    if block_bytes is not None:
-        monkeypatch.setattr(modeling, "CPU_ATTENTION_BLOCK_BYTES", block_bytes)
-    generator = torch.Generator().manual_seed(0)
-    keys = torch.randn(3, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
-    query = torch.randn(7, 4, generator=generator, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    row_image = torch.tensor([2, 0, 0, 1, 2, 2, 0])  # any order, images repeated
-    scores = modeling._AttentionScores.apply(keys, query, weight, bias, row_image)
-    expected = torch.relu(keys[row_image] + query.unsqueeze(1)) @ weight + bias
-    torch.testing.assert_close(scores, expected)
-    assert torch.autograd.gradcheck(
-        lambda *inputs: modeling._AttentionScores.apply(*inputs, row_image), (keys, query, weight, bias)
-    )
 
 
 def test_padding_is_not_decoded_and_training_gradients_are_unchanged(tiny_model, tokenizer, monkeypatch):
@@ -266,7 +246,7 @@ def test_padding_is_not_decoded_and_training_gradients_are_unchanged(tiny_model,
     def full_loss():  # without labels every position is decoded; the loss is then formed here
         out = tiny_model(encoder_outputs=features, input_ids=input_ids, output_attentions=True)
         valid = targets != -100
-        alpha_sums = (out.cross_attentions * valid.unsqueeze(-1)).sum(1)
+        alpha_sums = (out.attention_maps * valid.unsqueeze(-1)).sum(1)
         penalty = ((1 - alpha_sums) ** 2).mean()
         return F.cross_entropy(out.logits[valid], targets[valid]) + tiny_model.config.alpha_c * penalty
 

@@ -74,7 +74,7 @@ def generate_captions(
                     # final captions: the same maps as generate()'s per-step ones, without following beams.
                     maps = model(
                         pixel_values=pixel_values, input_ids=sequences[:, :-1], output_attentions=True
-                    ).cross_attentions
+                    ).attention_maps
             sequences = sequences.cpu()
             result.captions.extend(processor.batch_decode(sequences, skip_special_tokens=True))
             for i, sequence in enumerate(sequences.tolist()):

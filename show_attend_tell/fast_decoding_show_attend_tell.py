@@ -1,0 +1,530 @@
+"""
+The fast inference path of the decoder: the same function as `ShowAttendTellDecoder.step`, computed faster
+when no gradients are recorded. The model enters it from one place, `ShowAttendTellDecoder.forward`
+(`inference_forward` below); with `decoder.fast_inference = False` it computes the plain step instead.
+
+What it does differently from the plain step, each measured in `benchmarks/` (with and without, same run):
+
+- prepared weights (`InferenceWeights`): the decoder's weights cast once to the compute dtype and stacked so
+  that one product of the LSTM state serves the attention query `W_h h`, the gate `f_beta(h)` and the LSTM's
+  recurrent term; on a CPU in bf16, stored in oneDNN's own layout (prepacked);
+- the attention scores in cache-sized blocks on a CPU (`blocked_scores`), never materialising the whole
+  `(rows, num_pixels, attention_dim)` intermediate, or compiled into one kernel with `torch.compile`
+  (`decoder.fuse_attention_scores`, off by default: the first call compiles);
+- the rows of one image that read the same words (the beams at generate()'s first step) computed once;
+- under bf16 autocast: float32 LSTM state, attention and cell, and the logits of each row's `2 x num_beams`
+  likeliest words (the only ones beam search can pick from that row) recomputed in float32;
+- captured steps (`decoder.capture_steps`, off by default, for CUDA devices; not yet measured on a GPU): each
+  step shape recorded once as a CUDA graph and replayed.
+
+Nothing here is global or keyed by object ids: what is prepared for a decoder lives in its
+`inference_memo` (dropped by copies and pickles), what is prepared for one decoding in its cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from .modeling_show_attend_tell import DecoderOutput, ShowAttendTellCache
+
+# oneDNN's products with weights stored in its own layout, used for bf16 decoding on a CPU
+PACKED_BF16_PRODUCTS = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
+# The additive attention's (rows, num_pixels, attention_dim) intermediate: 64 MB in float32 for 32 images x 5
+# beams. Streamed through main memory it costs a CPU more than the decoder's matrix products; cut into blocks
+# that stay in the cache, it costs a fraction of that.
+CPU_ATTENTION_BLOCK_BYTES = 4 * 2**20
+# Captured steps kept per decoder, one per step shape, the least recently used dropped first: a collection's
+# full batches and its last one. Each holds its own copy of the image features and keys and the step's outputs.
+CAPTURED_STEPS_KEPT = 2
+
+
+class InferenceCache(ShowAttendTellCache):
+    """
+    `ShowAttendTellCache` with what one fast decoding prepares once: `compute_features` (the features in the
+    dtype the step multiplies them in), the weights of the step and a scratch buffer for the attention.
+    A plain cache continues on the fast path and an `InferenceCache` on the plain path.
+    """
+
+    def __init__(self, *args, compute_features: torch.Tensor | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compute_features = compute_features
+        self.scratch: torch.Tensor | None = None
+        self.inference_weights: InferenceWeights | None = None
+
+    def __getstate__(self) -> dict:
+        # prepared weights can hold oneDNN-packed tensors, which cannot be copied; the decoder remakes them
+        return {**self.__dict__, "inference_weights": None}
+
+
+class _DecoderMemo:
+    """What a decoder keeps between decodings: its prepared weights and its captured steps."""
+
+    def __init__(self) -> None:
+        self.weights_key: tuple | None = None
+        self.weights: InferenceWeights | None = None
+        self.captured_steps: OrderedDict[tuple, CapturedStep] = OrderedDict()
+
+
+def _memo(decoder) -> _DecoderMemo:
+    if decoder.inference_memo is None:
+        decoder.inference_memo = _DecoderMemo()
+    return decoder.inference_memo
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention scores
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_scores(
+    keys: torch.Tensor, query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """
+    `w^T relu(keys + query) + b` as one expression: keys (images, num_pixels, attention_dim), query (images,
+    rows_per_image, attention_dim), weight (attention_dim,), bias () -> (images, rows_per_image, num_pixels).
+    What `fused_attention_scores` compiles.
+    """
+    return (torch.relu(keys.unsqueeze(1) + query.unsqueeze(2)) * weight).sum(-1) + bias
+
+
+_compiled_attention_scores = None  # torch.compile(attention_scores), made on first use
+
+
+def fused_attention_scores(
+    keys: torch.Tensor, query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """`attention_scores` compiled into one kernel (compiled on first use, for any shape)."""
+    global _compiled_attention_scores
+    if _compiled_attention_scores is None:
+        _compiled_attention_scores = torch.compile(attention_scores, dynamic=True)
+    return _compiled_attention_scores(keys, query, weight, bias)
+
+
+def blocked_scores(
+    keys: torch.Tensor,
+    query: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+    block_bytes: int = CPU_ATTENTION_BLOCK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `attention_scores` a few images at a time on a CPU (all at once elsewhere), in one reused buffer that
+    stays in the cache. All tensors in one dtype; no gradients.
+
+    Args:
+        keys (`(images, num_pixels, attention_dim)`), query (`(images, rows_per_image, attention_dim)`),
+        weight (`(attention_dim,)`), bias (`()`).
+        scratch: the buffer returned by the previous call, reused when it is large enough.
+        block_bytes: the size of a block's intermediate on a CPU.
+
+    Returns:
+        scores (`(images, rows_per_image, num_pixels)`), and the buffer to pass to the next call.
+    """
+    images, num_pixels, attention_dim = keys.shape
+    per_image = query.shape[1] * num_pixels * attention_dim
+    block = images
+    if keys.device.type == "cpu":
+        block = max(1, min(images, block_bytes // (per_image * keys.element_size())))
+    if scratch is None or scratch.numel() < block * per_image or scratch.dtype != keys.dtype:
+        scratch = keys.new_empty(block * per_image)
+    scores = keys.new_empty(*query.shape[:-1], num_pixels)
+    for start in range(0, images, block):
+        stop = min(start + block, images)
+        hidden = scratch[: (stop - start) * per_image].view(*scores[start:stop].shape, attention_dim)
+        torch.add(keys[start:stop].unsqueeze(1), query[start:stop].unsqueeze(2), out=hidden)
+        hidden.relu_()
+        torch.mv(hidden.view(-1, attention_dim), weight, out=scores[start:stop].view(-1))
+    return scores.add_(bias), scratch
+
+
+# --------------------------------------------------------------------------------------------------
+# Prepared weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _version_of(tensor: torch.Tensor) -> int:
+    """The version counter of a tensor (bumped by in-place changes); -1 for inference tensors, which have none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
+class InferenceWeights:
+    """
+    The decoder's weights laid out for the inference step, in its compute dtype, made once and reused by
+    every step and every decoding until a parameter changes.
+
+    The LSTM state `h` enters three products at each step (the attention query `W_h h`, the gate
+    `f_beta(h)` and the LSTM's recurrent term `W_hh h`): they are stacked into one matrix, so one product
+    serves all three. The recurrent term carries both LSTM biases.
+    """
+
+    def __init__(self, decoder, dtype: torch.dtype, prepack: bool) -> None:
+        attention, lstm = decoder.attention, decoder.lstm
+        with torch.no_grad():
+            self.hidden_weight = torch.cat(
+                [attention.decoder_projection.weight, decoder.gate.weight, lstm.weight_hh]
+            ).to(dtype)
+            self.hidden_bias = torch.cat(
+                [attention.decoder_projection.bias, decoder.gate.bias, lstm.bias_hh + lstm.bias_ih]
+            ).to(dtype)
+            self.input_weight = lstm.weight_ih.detach().to(dtype)
+            self.embedding = decoder.embedding.weight.detach().to(dtype)
+            self.output_weight = decoder.output_layer.weight.detach().to(dtype)
+            self.output_bias = decoder.output_layer.bias.detach().to(dtype)
+            # attention scores, the LSTM cell and the initial state are computed in float32
+            self.score_weight = attention.score.weight.detach().float().reshape(-1)
+            self.score_bias = attention.score.bias.detach().float().reshape(())
+            self.init_weight = torch.cat([decoder.init_hidden.weight, decoder.init_cell.weight]).float()
+            self.init_bias = torch.cat([decoder.init_hidden.bias, decoder.init_cell.bias]).float()
+            # the output layer in float32 as well, for the likeliest words of a low-precision step
+            low_precision = dtype not in (torch.float32, torch.float64)
+            self.exact_output_weight = decoder.output_layer.weight.detach().float() if low_precision else None
+            self.exact_output_bias = decoder.output_layer.bias.detach().float() if low_precision else None
+        self.dtype = dtype
+        self.packed = {}
+        on_cpu = self.input_weight.device.type == "cpu"
+        if prepack and on_cpu and dtype == torch.bfloat16:
+            # oneDNN's own layout of a weight matrix: a product then reads it as it is instead of reordering
+            # the whole matrix at every call (same results)
+            for name in ("hidden", "input", "output"):
+                self.packed[name] = torch.ops.mkldnn._reorder_linear_weight(getattr(self, f"{name}_weight"))
+                setattr(self, f"{name}_weight", None)  # only the packed copy is read
+        self.attention_dim = attention.decoder_projection.out_features
+        self.encoder_dim = decoder.gate.out_features
+
+    def product(
+        self,
+        name: str,
+        inputs: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        add: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`inputs @ weight.T + bias + add` with the weight matrix called `name` (hidden, input or output)."""
+        packed = self.packed.get(name)
+        if packed is not None:
+            if add is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(
+                    inputs, add.contiguous(), packed, bias, "add"
+                )
+            return torch.ops.mkldnn._linear_pointwise(inputs, packed, bias, "none", [], "")
+        weight = getattr(self, f"{name}_weight")
+        if add is not None:
+            return torch.addmm(add if bias is None else add + bias, inputs, weight.t())
+        return F.linear(inputs, weight, bias)
+
+
+def inference_weights(decoder, dtype: torch.dtype) -> InferenceWeights:
+    """The decoder's prepared weights for `dtype`, remade when a parameter is replaced, moved or modified in
+    place (which bumps its version counter). Prepacked where `PACKED_BF16_PRODUCTS` (the benchmark turns it off
+    to measure what it buys)."""
+    prepack = PACKED_BF16_PRODUCTS
+    key = (
+        dtype,
+        prepack,
+        *((p.data_ptr(), _version_of(p), p.dtype, p.device, p.shape) for p in decoder.parameters()),
+    )
+    memo = _memo(decoder)
+    if memo.weights_key != key:
+        memo.weights, memo.weights_key = InferenceWeights(decoder, dtype, prepack), key
+    return memo.weights
+
+
+def compute_dtype(decoder, device_type: str) -> torch.dtype:
+    """The dtype of the inference step's matrix products: autocast's when it is on, else the weights'."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return decoder.output_layer.weight.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------
+
+
+def inference_step(
+    decoder,
+    input_ids: torch.LongTensor,
+    keys: torch.Tensor,
+    compute_features: torch.Tensor,
+    hidden: torch.Tensor,
+    cell: torch.Tensor,
+    weights: InferenceWeights,
+    scratch: torch.Tensor | None,
+    exact_logits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """
+    `ShowAttendTellDecoder.step` and the output layer for inference: input_ids (rows,), keys (images,
+    num_pixels, attention_dim) float32, compute_features (images, num_pixels, encoder_dim) in the compute
+    dtype, hidden and cell (rows, decoder_dim) float32 -> logits, alpha, hidden, cell, scratch. In a low
+    precision, the `exact_logits` largest logits of each row are computed in float32 (`exact_top_logits`).
+    The LSTM cell is `nn.LSTMCell`'s equations on the stacked products: `torch._VF.lstm_cell` would repeat
+    the recurrent product that the stacked one already did.
+    """
+    images, rows = keys.shape[0], input_ids.shape[0]
+    attention_dim, encoder_dim = weights.attention_dim, weights.encoder_dim
+    # attention query, gate and recurrent term of the LSTM: one product
+    from_hidden = weights.product("hidden", hidden.to(weights.dtype), weights.hidden_bias)
+    query = from_hidden[:, :attention_dim].float().view(images, rows // images, attention_dim)
+    if decoder.fuse_attention_scores:
+        scores = fused_attention_scores(keys, query, weights.score_weight, weights.score_bias)
+    else:
+        scores, scratch = blocked_scores(
+            keys, query, weights.score_weight, weights.score_bias, scratch, CPU_ATTENTION_BLOCK_BYTES
+        )
+    alpha = scores.softmax(dim=-1)  # (images, rows_per_image, num_pixels)
+    context = torch.bmm(alpha.to(weights.dtype), compute_features).view(-1, encoder_dim)
+    alpha = alpha.view(rows, -1)
+    gate = torch.sigmoid(from_hidden[:, attention_dim : attention_dim + encoder_dim])
+    lstm_input = torch.cat([F.embedding(input_ids, weights.embedding), gate * context], dim=1)
+    gates = weights.product("input", lstm_input, add=from_hidden[:, attention_dim + encoder_dim :])
+    input_gate, forget_gate, cell_gate, output_gate = gates.float().chunk(4, dim=1)
+    cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
+    hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
+    logits = weights.product("output", hidden.to(weights.dtype), weights.output_bias)
+    if weights.exact_output_weight is not None and exact_logits > 0:
+        logits = exact_top_logits(logits, hidden, weights, exact_logits)
+    return logits, alpha, hidden, cell, scratch
+
+
+def exact_top_logits(
+    logits: torch.Tensor, hidden: torch.Tensor, weights: InferenceWeights, count: int
+) -> torch.Tensor:
+    """
+    Low-precision logits (rows, vocab_size) -> float32 logits whose `count` largest per row are computed
+    again in float32, from the float32 LSTM output and output layer. A bf16 logit is rounded to 8 significant
+    bits: off by up to 0.03 to 0.06 at a trained captioner's likely words (10 to 20), more than the gap
+    between many pairs of candidate captions; the rest keep bf16's precision, which the softmax barely feels.
+    """
+    top = logits.topk(min(count, logits.shape[1]), dim=1, sorted=False).indices
+    exact = torch.baddbmm(
+        weights.exact_output_bias[top].unsqueeze(2), weights.exact_output_weight[top], hidden.unsqueeze(2)
+    )
+    return logits.float().scatter_(1, top, exact.squeeze(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Captured steps (CUDA graphs)
+# --------------------------------------------------------------------------------------------------
+
+
+class CapturedStep:
+    """
+    One decoding step of a fixed shape, recorded once as a CUDA graph and replayed at every step
+    (`decoder.capture_steps`): one launch instead of the step's few dozen kernels.
+
+    A graph reads and writes fixed addresses, so the step has buffers of its own: `run` copies the state,
+    the words and (for a new decoding) the image keys and features in, replays the graph, and returns copies
+    of its outputs, which the next replay overwrites. On other devices `run` computes the same step eagerly
+    on the same buffers: no faster, but the same path, so that it is tested wherever the tests run.
+    """
+
+    def __init__(
+        self,
+        decoder,
+        weights: InferenceWeights,
+        exact_logits: int,
+        input_ids: torch.LongTensor,
+        keys: torch.Tensor,
+        compute_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+    ) -> None:
+        self.weights = weights
+        # Ordinary tensors, not inference tensors: later calls may run outside `torch.inference_mode()`,
+        # where inference tensors cannot be written to.
+        with torch.inference_mode(False), torch.no_grad():
+            self.input_ids, self.hidden, self.cell = input_ids.clone(), hidden.clone(), cell.clone()
+            self.keys, self.features = keys.clone(), compute_features.clone()
+            self.keys_source = weakref.ref(keys)  # whose keys and features the buffers hold
+
+            def step() -> tuple[torch.Tensor, ...]:
+                with torch.autocast(keys.device.type, enabled=False):
+                    outputs = inference_step(
+                        decoder, self.input_ids, self.keys, self.features, self.hidden, self.cell, weights,
+                        None, exact_logits,
+                    )  # fmt: skip
+                return outputs[:4]
+
+            self.step, self.graph = step, None
+            if keys.device.type == "cuda":
+                # Lazy initialisation (cuBLAS workspaces, compiled kernels) must happen before the capture,
+                # on a side stream as CUDA graphs require.
+                side = torch.cuda.Stream(keys.device)
+                side.wait_stream(torch.cuda.current_stream(keys.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        step()
+                torch.cuda.current_stream(keys.device).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.outputs = step()
+            else:
+                self.outputs = step()
+
+    def run(
+        self,
+        input_ids: torch.LongTensor,
+        keys: torch.Tensor,
+        compute_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step for these inputs: logits, alpha, hidden, cell (fresh tensors)."""
+        if self.keys_source() is not keys:  # another decoding used the buffers since
+            self.keys.copy_(keys)
+            self.features.copy_(compute_features)
+            self.keys_source = weakref.ref(keys)
+        self.input_ids.copy_(input_ids)
+        self.hidden.copy_(hidden)
+        self.cell.copy_(cell)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for output, value in zip(self.outputs, self.step(), strict=True):
+                output.copy_(value)
+        return tuple(output.clone() for output in self.outputs)
+
+
+def run_captured_step(
+    decoder,
+    weights: InferenceWeights,
+    exact_logits: int,
+    input_ids: torch.LongTensor,
+    keys: torch.Tensor,
+    compute_features: torch.Tensor,
+    hidden: torch.Tensor,
+    cell: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`inference_step` through the captured step of this shape, recorded on first use."""
+    key = (
+        input_ids.shape[0],
+        tuple(keys.shape),
+        tuple(compute_features.shape),
+        compute_features.dtype,
+        exact_logits,
+        decoder.fuse_attention_scores,
+        keys.device,
+    )
+    captured_steps = _memo(decoder).captured_steps
+    if any(captured.weights is not weights for captured in captured_steps.values()):
+        captured_steps.clear()  # the weights changed: the steps recorded with the old ones are of no use
+    captured = captured_steps.get(key)
+    if captured is None:
+        captured = CapturedStep(
+            decoder, weights, exact_logits, input_ids, keys, compute_features, hidden, cell
+        )
+        captured_steps[key] = captured
+        while len(captured_steps) > CAPTURED_STEPS_KEPT:
+            captured_steps.popitem(last=False)
+    captured_steps.move_to_end(key)
+    return captured.run(input_ids, keys, compute_features, hidden, cell)
+
+
+# --------------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def inference_forward(
+    decoder,
+    input_ids: torch.LongTensor,
+    features: torch.Tensor,
+    cache: ShowAttendTellCache | None,
+    rows_per_image: int | None = None,
+) -> DecoderOutput:
+    """
+    `ShowAttendTellDecoder.forward` without gradients: the same outputs, computed as described above.
+    `rows_per_image`: how many rows each image has (beams), when `input_ids` holds one row per image.
+    """
+    rows, steps = input_ids.shape
+    if cache is None:
+        images = features.shape[0]
+        copies = rows // images
+        grouped = input_ids.view(images, copies, steps)
+        if copies > 1 and bool((grouped == grouped[:, :1]).all()):
+            # Every row of an image reads the same words (generate's first step: <start> for every beam):
+            # decode one row per image and copy the results.
+            one = inference_forward(decoder, grouped[:, 0], features, None, copies)
+            one.cache.repeat_rows(copies)
+            return DecoderOutput(
+                one.logits.repeat_interleave(copies, dim=0),
+                one.alphas.repeat_interleave(copies, dim=0),
+                one.lstm_outputs.repeat_interleave(copies, dim=0),
+                one.cache,
+            )
+    device_type = input_ids.device.type
+    dtype = compute_dtype(decoder, device_type)
+    weights = getattr(cache, "inference_weights", None)
+    if weights is None or weights.dtype != dtype:
+        weights = inference_weights(decoder, dtype)
+    features = features if cache is None else cache.features
+    compute_features = getattr(cache, "compute_features", None)
+    if compute_features is None or compute_features.dtype != weights.dtype:
+        # Kept in its memory layout: the batched products read (images, num_pixels, encoder_dim) as well as
+        # its transpose, which is what a channels-first encoder's output is.
+        compute_features = features.to(weights.dtype)
+        if not (compute_features.is_contiguous() or compute_features.transpose(1, 2).is_contiguous()):
+            compute_features = compute_features.contiguous()
+    if cache is None:
+        # The attention keys are made under the caller's autocast, through the module (hooks see it).
+        keys = decoder.attention.project_features(compute_features).float()
+        with torch.autocast(device_type, enabled=False):
+            # the mean feature as a matrix product: a reduction over the middle dimension is slow
+            ones = compute_features.new_ones(1, 1, compute_features.shape[1])
+            mean_features = torch.matmul(ones, compute_features).squeeze(1).float() / ones.shape[-1]
+            hidden, cell = F.linear(mean_features, weights.init_weight, weights.init_bias).chunk(2, dim=1)
+        cache = ShowAttendTellCache(
+            features,
+            keys,
+            hidden.repeat_interleave(rows // images, 0),
+            cell.repeat_interleave(rows // images, 0),
+        )
+    keys = cache.projected_features.float()
+    hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), getattr(cache, "scratch", None)
+    exact_logits = 2 * (
+        rows_per_image or rows // keys.shape[0]
+    )  # beam search picks among 2 x num_beams words
+
+    if decoder.capture_steps and steps == 1 and cache.seq_length > 0:  # every step after the first
+        logits, alpha, hidden, cell = run_captured_step(
+            decoder, weights, exact_logits, input_ids[:, 0], keys, compute_features, hidden, cell
+        )
+        all_logits, all_alphas, all_hidden = [logits], [alpha], [hidden]
+    else:
+        all_logits, all_alphas, all_hidden = [], [], []
+        with torch.autocast(device_type, enabled=False):
+            for t in range(steps):
+                logits, alpha, hidden, cell, scratch = inference_step(
+                    decoder,
+                    input_ids[:, t],
+                    keys,
+                    compute_features,
+                    hidden,
+                    cell,
+                    weights,
+                    scratch,
+                    exact_logits,
+                )
+                all_logits.append(logits)
+                all_alphas.append(alpha)
+                all_hidden.append(hidden)
+    new_cache = InferenceCache(
+        cache.features, keys, hidden, cell, cache.seq_length + steps, compute_features=compute_features
+    )
+    new_cache.scratch, new_cache.inference_weights = scratch, weights
+    if steps == 1:  # generate()'s steps: no copies
+        stacked = [values[0].unsqueeze(1) for values in (all_logits, all_alphas, all_hidden)]
+    else:
+        stacked = [torch.stack(values, dim=1) for values in (all_logits, all_alphas, all_hidden)]
+    return DecoderOutput(*stacked, new_cache)
