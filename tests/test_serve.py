@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from serve_tiny_model import save_tiny_model, trained_tiny_captioner
 
@@ -23,11 +24,16 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from show_attend_tell.pipeline_show_attend_tell import words_and_attention  # noqa: E402
 from show_attend_tell.serve import (  # noqa: E402 - after the optional-dependency checks
     BatchingCaptioner,
     Captioner,
     CaptionOptions,
+    DecodeBudget,
     create_app,
+    decode_cost,
+    decode_image,
+    parse_args,
 )
 
 # Every test needs the trained model (a few seconds of training, once per session).
@@ -80,10 +86,31 @@ def server(captioner) -> Iterator[str]:
         yield url
 
 
-def alone(captioner: Captioner, image: Image.Image, **options) -> dict:
-    """What one image alone gives, without HTTP or batching: the reference for every answer."""
-    (result,) = captioner.caption_batch([image], CaptionOptions(**options))
-    return {"caption": result.caption, "tokens": result.tokens, "attention": result.attention}
+def alone(
+    captioner: Captioner,
+    image: Image.Image,
+    num_beams: int,
+    max_new_tokens: int,
+    return_attention: bool = False,
+) -> dict:
+    """What generate() gives for one image alone, without the service's code: the reference for every answer."""
+    pixel_values = captioner.processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        outputs = captioner.model.generate(
+            pixel_values=pixel_values,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            output_attentions=True,
+            return_dict_in_generate=True,
+        )
+    tokenizer = captioner.processor.tokenizer
+    sequence = outputs.sequences[0]
+    tokens, attention = words_and_attention(sequence, outputs.attention_maps[0], tokenizer)
+    return {
+        "caption": tokenizer.decode(sequence, skip_special_tokens=True),
+        "tokens": tokens,
+        "attention": attention,
+    }
 
 
 def test_health(server, captioner):
@@ -221,9 +248,15 @@ def test_bad_requests_get_a_clear_4xx(server, test_images, request_kwargs, statu
 
 
 def test_a_burst_of_concurrent_requests_is_batched_and_answered_as_if_alone(captioner, test_images):
+    # Plain requests share batches with return_attention ones (whose attention maps crashed beam search on
+    # captions that end at different lengths, failing the whole batch), at beams 1, 3 and 5.
     app = create_app(captioner, max_batch_size=8, max_wait_ms=100)
     requests = [
-        (index % len(test_images), 1 + index % 2, index % 3 == 0)  # (image, num_beams, return_attention)
+        (
+            index % len(test_images),
+            (1, 3, 5)[index % 3],
+            index % 4 == 0,
+        )  # (image, num_beams, return_attention)
         for index in range(24)
     ]
     start = threading.Barrier(len(requests))
@@ -262,22 +295,22 @@ def test_a_burst_of_concurrent_requests_is_batched_and_answered_as_if_alone(capt
 
 
 class FlakyCaptioner:
-    """Fails on black images: a failing batch must fail only its own requests, and the worker go on."""
+    """Fails on all-zero inputs: a failing batch must fail only its own requests, and the worker go on."""
 
-    def caption_batch(self, images, options):
-        if any(image.getextrema() == ((0, 0), (0, 0), (0, 0)) for image in images):
+    def caption_pixels(self, pixel_values, options):
+        if (pixel_values.flatten(1) == 0).all(dim=1).any():
             raise RuntimeError("boom")
-        return [type("R", (), {"attention": None, "caption": "ok"})() for _ in images]
+        return [type("R", (), {"attention": None, "caption": "ok"})() for _ in pixel_values]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
     batcher = BatchingCaptioner(FlakyCaptioner(), max_batch_size=4, max_wait_ms=1)
     try:
         options = CaptionOptions(num_beams=1, max_new_tokens=5)
-        bad = batcher.submit(Image.new("RGB", (4, 4)), options)
+        bad = batcher.submit(torch.zeros(3, 4, 4), options)
         with pytest.raises(RuntimeError, match="boom"):
             bad.result(timeout=10)
-        good = batcher.submit(Image.new("RGB", (4, 4), (9, 9, 9)), options)
+        good = batcher.submit(torch.ones(3, 4, 4), options)
         assert good.result(timeout=10).caption == "ok"
         assert batcher.stats["failed"] == 1
     finally:
@@ -295,6 +328,16 @@ def test_command_line_service(tmp_path, captioner, test_images):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "show_attend_tell.serve", "--model", str(model_dir), "--port", str(port)]
+    command += [
+        "--queue-size",
+        "5",
+        "--decode-budget-mb",
+        "512",
+        "--decode-threads",
+        "1",
+        "--body-timeout",
+        "20",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -319,7 +362,10 @@ def test_command_line_service(tmp_path, captioner, test_images):
             "max_new_tokens": captioner.default_max_new_tokens,
         }
         assert response.json()["tokens"] == alone(captioner, test_images[1], **defaults)["tokens"]
-        assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["model"] == str(model_dir)
+        health = httpx.get(f"{url}/health", timeout=TIMEOUT).json()
+        assert health["model"] == str(model_dir)
+        assert health["batching"]["max_queue"] == 5 and health["body_timeout_s"] == 20
+        assert health["decoding"] == {"threads": 1, "budget_bytes": 512 * 2**20, "wait_s": 30.0}
     finally:
         process.terminate()
         try:
@@ -331,3 +377,402 @@ def test_command_line_service(tmp_path, captioner, test_images):
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (exit status -15).
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
+
+
+# --- the schema ------------------------------------------------------------------------------------------
+
+
+def _bounds(schema: dict) -> tuple:
+    """(minimum, maximum) of an optional integer field's schema (`anyOf: [{integer...}, {null}]`)."""
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "integer":
+            return option.get("minimum"), option.get("maximum")
+    raise AssertionError(f"not an integer field: {schema}")
+
+
+def test_openapi_documents_the_caption_fields(server):
+    response = httpx.get(f"{server}/openapi.json", timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    spec = response.json()
+    post = spec["paths"]["/caption"]["post"]
+    query = {parameter["name"]: parameter for parameter in post["parameters"]}
+    assert set(query) == {"num_beams", "max_new_tokens", "return_attention"}
+    assert _bounds(query["num_beams"]["schema"]) == (1, 10)  # the test server's max_beams
+    assert _bounds(query["max_new_tokens"]["schema"]) == (1, 100)
+    assert all(parameter["description"] for parameter in query.values())
+
+    form_ref = post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    form = spec["components"]["schemas"][form_ref.rsplit("/", 1)[-1]]["properties"]
+    assert set(form) == {"image", "num_beams", "max_new_tokens", "return_attention"}
+    image_schema = form["image"]["anyOf"][0]
+    assert image_schema.get("format") == "binary" or image_schema.get("contentMediaType"), form["image"]
+    assert _bounds(form["num_beams"]) == (1, 10) and _bounds(form["max_new_tokens"]) == (1, 100)
+
+    answer_ref = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    answer = spec["components"]["schemas"][answer_ref.rsplit("/", 1)[-1]]
+    assert set(answer["required"]) == {"caption", "tokens", "num_beams", "max_new_tokens"}
+    assert {"attention", "attention_shape"} <= set(answer["properties"])
+    for status in ("408", "413", "415", "422", "503"):
+        error_ref = post["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+        assert spec["components"]["schemas"][error_ref.rsplit("/", 1)[-1]]["properties"] == {
+            "detail": {"type": "string", "title": "Detail", "description": "what is wrong, in one line"}
+        }
+    docs = httpx.get(f"{server}/docs", timeout=TIMEOUT)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"num_beams": "11"}, "num_beams must be between 1 and 10, got 11"),
+        ({"max_new_tokens": "0"}, "max_new_tokens must be between 1 and 100, got 0"),
+        ({"num_beams": "2.5"}, "num_beams must be an integer, got '2.5'"),
+        ({"return_attention": "maybe"}, "return_attention must be true or false, got 'maybe'"),
+    ],
+)
+def test_bad_form_options_get_the_same_422_as_query_parameters(server, test_images, fields, reason):
+    response = httpx.post(
+        f"{server}/caption",
+        files={"image": ("a.png", png_bytes(test_images[0]), "image/png")},
+        data=fields,
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 422, response.text
+    assert response.json() == {"detail": reason}
+
+
+def test_form_options_win_over_query_parameters(server, captioner, test_images):
+    response = httpx.post(
+        f"{server}/caption?num_beams=1&max_new_tokens=2",
+        files={"image": ("a.png", png_bytes(test_images[2]), "image/png")},
+        data={"num_beams": "3", "max_new_tokens": "9"},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["num_beams"], body["max_new_tokens"]) == (3, 9)
+    assert body["tokens"] == alone(captioner, test_images[2], num_beams=3, max_new_tokens=9)["tokens"]
+
+
+def test_an_image_field_that_is_not_a_file_is_refused(server):
+    response = httpx.post(
+        f"{server}/caption",
+        files={"other": ("a.txt", b"x", "text/plain")},
+        data={"image": "photo.jpg"},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 422, response.text
+    assert 'multipart file field named "image"' in response.json()["detail"]
+
+
+# --- memory: the decode budget, decoding threads and the queue -------------------------------------------
+
+
+def sixteen_bit_png(width: int, height: int, seed: int) -> bytes:
+    """A real 16-bit grey PNG (Pillow mode "I;16"): a gradient with noise, so that pictures differ."""
+    rng = np.random.default_rng(seed)
+    gradient = np.linspace(0, 60_000, width, dtype=np.float64)[None, :] * np.linspace(0.2, 1, height)[:, None]
+    noise = rng.integers(0, 4_000, (height, width))
+    picture = Image.fromarray((gradient + noise).astype(np.uint16))
+    assert picture.mode == "I;16"
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+BIG = (1600, 1200)  # 1.9 megapixels: 16-bit grey costs 32 bytes per pixel to decode, 61 MB
+
+
+@pytest.fixture(scope="module")
+def big_pictures() -> list[bytes]:
+    return [sixteen_bit_png(*BIG, seed) for seed in range(4)]
+
+
+class GatedCaptioner(Captioner):
+    """
+    Holds the decoding of large pictures (its `prepare`, which runs in a decoding thread while the picture's
+    share of the budget is reserved) until the test opens the gate, and counts the decodings running at once.
+    """
+
+    def __init__(self, captioner: Captioner) -> None:
+        super().__init__(captioner.model, captioner.processor)
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+
+    def prepare(self, image: Image.Image):
+        if image.width < BIG[0]:
+            return super().prepare(image)
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            assert self.gate.wait(timeout=60), "the test never opened the gate"
+            return super().prepare(image)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+def wait_until(condition, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def get_stats(url: str) -> dict:
+    return httpx.get(f"{url}/stats", timeout=TIMEOUT).json()
+
+
+def post_picture(url: str, data: bytes, **fields) -> httpx.Response:
+    return httpx.post(
+        f"{url}/caption",
+        files={"image": ("picture.png", data, "image/png")},
+        data={"num_beams": "3", "max_new_tokens": "8", **fields},
+        timeout=TIMEOUT,
+    )
+
+
+def test_the_decoding_cost_is_read_from_the_header(big_pictures, test_images):
+    assert decode_cost(big_pictures[0]) == BIG[0] * BIG[1] * 32
+    assert decode_cost(png_bytes(test_images[0])) == test_images[0].width * test_images[0].height * 12
+    assert decode_cost(png_bytes(Image.new("RGBA", (10, 20)))) == 10 * 20 * 16
+
+
+def test_decoded_bytes_in_flight_stay_within_the_shared_budget(captioner, test_images, big_pictures):
+    cost = decode_cost(big_pictures[0])
+    small = png_bytes(test_images[3])
+    gated = GatedCaptioner(captioner)
+    # Room for one big picture and some small ones, never two big ones.
+    app = create_app(gated, decode_budget_bytes=cost * 3 // 2, decode_threads=4, decode_wait_s=60)
+    with running(app) as url, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(post_picture, url, big_pictures[0])
+        wait_until(lambda: gated.inside == 1, "the first big picture is decoding")
+        # A small picture fits beside it: the budget counts bytes, not requests.
+        beside = post_picture(url, small)
+        assert beside.status_code == 200, beside.text
+        others = [pool.submit(post_picture, url, data) for data in big_pictures[1:]]
+        wait_until(lambda: get_stats(url)["decode_waiting"] == 3, "the other three wait for the budget")
+        assert get_stats(url)["decode_bytes_in_use"] == cost and gated.inside == 1
+        gated.gate.set()
+        responses = [first.result(timeout=120)] + [future.result(timeout=120) for future in others]
+        stats = get_stats(url)
+
+    for data, response in zip(big_pictures, responses, strict=True):
+        assert response.status_code == 200, response.text
+        expected = alone(captioner, decode_image(data), num_beams=3, max_new_tokens=8)
+        assert response.json()["tokens"] == expected["tokens"]
+    assert gated.most_inside == 1  # never two big pictures decoded at once
+    assert stats["decode_bytes_peak"] == cost + decode_cost(small) <= stats["decode_budget_bytes"]
+    assert stats["decode_bytes_in_use"] == 0 and stats["decode_waiting"] == 0
+    assert (stats["decode_waited"], stats["decode_refused"]) == (3, 0)
+
+
+def test_a_busy_decode_budget_answers_503_with_retry_after(captioner, test_images, big_pictures):
+    cost = decode_cost(big_pictures[0])
+    gated = GatedCaptioner(captioner)
+    app = create_app(gated, decode_budget_bytes=cost * 3 // 2, decode_wait_s=0)
+    with running(app) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post_picture, url, big_pictures[0])
+        wait_until(lambda: gated.inside == 1, "the first big picture is decoding")
+        busy = post_picture(url, big_pictures[1])
+        assert busy.status_code == 503, busy.text
+        assert busy.headers["retry-after"] == "1"
+        assert "busy (decoding other pictures)" in busy.json()["detail"]
+        assert post_picture(url, png_bytes(test_images[0])).status_code == 200  # small ones still fit
+        gated.gate.set()
+        assert first.result(timeout=120).status_code == 200
+        stats = get_stats(url)
+    assert stats["decode_refused"] == 1 and stats["decode_bytes_in_use"] == 0
+
+
+def test_a_picture_that_alone_needs_more_than_the_budget_is_refused(captioner, big_pictures):
+    app = create_app(captioner, decode_budget_bytes=decode_cost(big_pictures[0]) - 1)
+    with running(app) as url:
+        response = post_picture(url, big_pictures[0])
+        assert response.status_code == 413, response.text
+        assert "more than the decode budget" in response.json()["detail"]
+        assert get_stats(url)["decode_bytes_peak"] == 0  # refused from the header, nothing decoded
+
+
+def test_decoding_threads_are_limited(captioner, big_pictures):
+    gated = GatedCaptioner(captioner)
+    app = create_app(gated, decode_budget_bytes=10 * decode_cost(big_pictures[0]), decode_threads=2)
+    with running(app) as url, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(post_picture, url, data) for data in big_pictures[:3]]
+        # All three hold their share of the budget; two decode, the third waits for a thread.
+        wait_until(
+            lambda: (
+                get_stats(url)["decode_bytes_in_use"] == 3 * decode_cost(big_pictures[0])
+                and gated.inside == 2
+            ),
+            "two pictures are decoding and the third is waiting for a thread",
+        )
+        gated.gate.set()
+        assert all(future.result(timeout=120).status_code == 200 for future in futures)
+    assert gated.most_inside == 2
+
+
+def test_a_full_queue_answers_503_with_retry_after(captioner, test_images):
+    started, release = threading.Event(), threading.Event()
+
+    class SlowModel(Captioner):
+        def caption_pixels(self, pixel_values, options):
+            started.set()
+            assert release.wait(timeout=60), "the test never released the model"
+            return super().caption_pixels(pixel_values, options)
+
+    app = create_app(SlowModel(captioner.model, captioner.processor), max_queue=1, max_wait_ms=0)
+    with running(app) as url, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post_picture, url, png_bytes(test_images[0]))
+        assert started.wait(timeout=60)  # the worker holds the first request
+        second = pool.submit(post_picture, url, png_bytes(test_images[1]))
+        wait_until(lambda: get_stats(url)["queued"] == 1, "the second request is queued")
+        full = post_picture(url, png_bytes(test_images[2]))
+        assert full.status_code == 503, full.text
+        assert full.headers["retry-after"] == "1" and "too many queued requests" in full.json()["detail"]
+        release.set()
+        assert first.result(timeout=120).status_code == 200 and second.result(timeout=120).status_code == 200
+
+
+def test_the_decode_budget_serves_waiters_first_come_first_served():
+    import asyncio
+
+    async def scenario() -> list[str]:
+        budget = DecodeBudget(100)
+        order: list[str] = []
+        assert await budget.acquire(60, timeout=1)
+
+        async def request(name: str, cost: int, timeout: float) -> None:
+            if await budget.acquire(cost, timeout):
+                order.append(name)
+            else:
+                order.append(f"{name} refused")
+
+        large = asyncio.create_task(request("large", 90, timeout=5))
+        await asyncio.sleep(0)
+        small = asyncio.create_task(request("small", 10, timeout=5))  # would fit now, but waits its turn
+        late = asyncio.create_task(request("late", 50, timeout=0.01))
+        await late
+        assert budget.stats["decode_waiting"] == 2 and budget.stats["decode_bytes_in_use"] == 60
+        budget.release(60)
+        await asyncio.gather(large, small)
+        assert budget.stats["decode_bytes_in_use"] == 100 and budget.stats["decode_bytes_peak"] == 100
+        budget.release(90)
+        budget.release(10)
+        assert budget.stats["decode_refused"] == 1
+        with pytest.raises(ValueError, match="can never fit"):
+            await budget.acquire(101, timeout=0)
+        return order
+
+    assert asyncio.run(scenario()) == ["late refused", "large", "small"]
+
+
+# --- request bodies that stall ---------------------------------------------------------------------------
+
+
+def _half_sent_requests(picture: bytes) -> list[bytes]:
+    """Requests whose headers promise more body than is sent: raw, multipart and chunked uploads."""
+    boundary = "b0undary"
+    multipart = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + picture
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return [
+        b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {len(picture)}\r\n\r\n".encode()
+        + picture[: len(picture) // 2],
+        f"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+        + f"Content-Length: {len(multipart)}\r\n\r\n".encode()
+        + multipart[: len(multipart) // 2],
+        b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + f"{len(picture) // 2:x}\r\n".encode()
+        + picture[: len(picture) // 2]
+        + b"\r\n",  # no closing zero-length chunk
+    ]
+
+
+def _read_until_closed(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a recv timeout fails the test)."""
+    answer = b""
+    for _ in range(1000):  # bounded: a server that never closes fails on the socket timeout first
+        chunk = connection.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
+    raise AssertionError(f"the server kept sending: {answer[:200]!r}")
+
+
+def test_stalled_request_bodies_get_408_and_the_connection_is_closed(captioner, test_images):
+    app = create_app(captioner, body_timeout_s=0.5)
+    requests = _half_sent_requests(png_bytes(test_images[0])) * 10  # 30 stalled uploads at once
+    with running(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        connections = []
+        try:
+            for request in requests:
+                connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+                connections.append(connection)
+                connection.sendall(request)
+            answers = [_read_until_closed(connection) for connection in connections]
+        finally:
+            for connection in connections:
+                connection.close()
+        health = httpx.get(f"{url}/health", timeout=TIMEOUT)
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"connection: close" in head.lower()
+        assert b"did not arrive within 0.5 s" in body
+    assert health.status_code == 200
+    assert health.json()["stats"]["rejected"] == len(requests)
+
+
+def test_a_complete_slow_body_within_the_timeout_is_served(captioner, test_images):
+    app = create_app(captioner, body_timeout_s=30)
+    picture = png_bytes(test_images[0])
+    with (
+        running(app) as url,
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as s,
+    ):
+        s.sendall(
+            b"POST /caption?num_beams=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nConnection: close\r\n"
+            + f"Content-Length: {len(picture)}\r\n\r\n".encode()
+        )
+        for start in range(0, len(picture), len(picture) // 4 + 1):  # in four pieces
+            s.sendall(picture[start : start + len(picture) // 4 + 1])
+            time.sleep(0.05)
+        answer = _read_until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_the_command_line_options_reach_the_service():
+    args = parse_args(
+        [
+            "--model",
+            "m",
+            "--queue-size",
+            "7",
+            "--decode-budget-mb",
+            "64",
+            "--decode-threads",
+            "3",
+            "--body-timeout",
+            "5",
+        ]
+    )
+    assert (args.queue_size, args.decode_budget_mb, args.decode_threads, args.body_timeout) == (7, 64, 3, 5)
+    for bad in (
+        ["--queue-size", "0"],
+        ["--decode-threads", "0"],
+        ["--body-timeout", "0"],
+        ["--decode-budget-mb", "-1"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "m", *bad])
