@@ -609,7 +609,7 @@ def _checkpoint_details(
 
 #: Written under a results table whose scores were tokenised by the Python imitation.
 _APPROXIMATE_NOTE = (
-    "Approximate scores: tokenised by a pure-Python imitation of coco-caption's PTB tokeniser (no Java was "
+    "APPROXIMATE scores: tokenised by a pure-Python imitation of coco-caption's PTB tokeniser (no Java was "
     "used), so they are not comparable with published ones."
 )
 
@@ -777,6 +777,10 @@ def render_model_card(
             for result in results["results"]
             for name, value in result["metrics"].items()
         ]
+    if training_args:
+        # The Hub lists the model under the datasets its metadata names: the one it was trained on, if on the Hub.
+        trained_on = str(training_args.get("dataset", "")).lower()
+        card.data.datasets = ["nlphuji/flickr30k"] if "flickr30k" in trained_on else None
     text = str(card)
     text = _replace_section(text, "results-table", _results_table(results))
     if config is not None:

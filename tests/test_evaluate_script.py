@@ -373,6 +373,7 @@ def test_best_beam_by_bleu_4():
     assert card == {
         "dataset": "Flickr30K",
         "split": "test",
+        "tokenization": "ptb",
         "results": [{"num_beams": 3, "metrics": {"bleu_4": 0.14}}],
     }
     assert len(evaluate_script.card_results(results, "Flickr30K", "test", "all")["results"]) == 3
@@ -381,38 +382,62 @@ def test_best_beam_by_bleu_4():
 # --- METEOR and Java ---------------------------------------------------------------------------------
 
 
-def test_without_java_meteor_is_left_out_with_the_metrics_warning(
+def test_without_java_the_script_stops_in_one_line_before_any_work(
+    tmp_path, data_args, split, capsys, monkeypatch
+):
+    predictions = write_jsonl(tmp_path / "p.jsonl", perfect_rows(split))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-java-here"))  # `java` cannot be found
+    output = tmp_path / "out.json"
+    status, out, err = run(["--predictions", predictions, *data_args, "--output", output], capsys)
+    assert status == 2
+    (line,) = err.strip().splitlines()
+    assert (
+        "no working `java`" in line
+        and "default-jre-headless" in line
+        and "--approximate-tokenization" in line
+    )
+    assert not output.exists() and "images" not in out  # stopped before reading the split or scoring
+    # the same with a `java` that shutil.which cannot see, whatever PATH says
+    monkeypatch.undo()
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+    status, _, err = run(["--predictions", predictions, *data_args, "--metrics", "bleu"], capsys)
+    assert status == 2 and "no working `java`" in err
+
+
+def test_approximate_tokenization_is_labelled_in_the_table_the_json_and_the_card(
     tmp_path, data_args, split, capsys, monkeypatch
 ):
     monkeypatch.setenv("PATH", str(tmp_path / "no-java-here"))
+    card = shutil.copyfile(REPO / "model_card.md", tmp_path / "model_card.md")
     predictions = write_jsonl(tmp_path / "p.jsonl", perfect_rows(split))
     output = tmp_path / "out.json"
-    status, _, err = run(
-        [
-            "--predictions",
-            predictions,
-            *data_args,
-            "--metrics",
-            "bleu",
-            "meteor",
-            "cider",
-            "--output",
-            output,
-        ],
-        capsys,
+    argv = ["--predictions", predictions, *data_args, "--approximate-tokenization", "--output", output]
+    status, out, err = run(
+        [*argv, "--metrics", "bleu", "meteor", "cider", "--update-model-card", card], capsys
     )
     assert status == 0, err
-    scores = json.loads(output.read_text())["results"]["predictions"]
+    # the table
+    assert "APPROXIMATE" in out and "predictions (approx.)" in out
+    # the JSON
+    report = json.loads(output.read_text())
+    assert report["tokenization"] == "approximate" and report["settings"]["tokenization"].startswith(
+        "APPROXIMATE"
+    )
+    scores = report["results"]["predictions"]
     assert "meteor" not in scores and scores["bleu_4"] == pytest.approx(1.0) and "cider" in scores
-    assert "METEOR needs Java" in err and "default-jre-headless" in err
-    assert err.count("METEOR needs Java") == 1
-    assert json.loads(output.read_text())["warnings"]
+    assert err.count("METEOR needs Java") == 1 and report["warnings"]
+    # the card: its table and its model-index metadata
+    text = card.read_text()
+    table = text.split("<!-- results-table -->", 1)[1].split("<!-- /results-table -->", 1)[0]
+    assert "approximate tokenisation" in table and "APPROXIMATE" in table
+    names = {m["name"] for m in front_matter(text)["model-index"][0]["results"][0]["metrics"]}
+    assert names and all("approximate tokenisation" in name for name in names)
+    # a card built later from the JSON (push_to_hub.py --eval-results) keeps the label
+    assert normalize_eval_results(report)["tokenization"] == "approximate"
 
     # METEOR alone cannot be computed: an error, but the captions are still written.
     output.unlink()
-    status, _, err = run(
-        ["--predictions", predictions, *data_args, "--metrics", "meteor", "--output", output], capsys
-    )
+    status, _, err = run([*argv, "--metrics", "meteor"], capsys)
     assert status == 2 and "METEOR needs Java" in err
     assert len(json.loads(output.read_text())["predictions"]["predictions"]) == NUM_IMAGES
 

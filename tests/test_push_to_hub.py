@@ -68,7 +68,8 @@ def test_model_card_template_is_a_complete_card():
     assert card.data.license == "mit"
     assert card.data.pipeline_tag == "image-to-text"
     assert card.data.library_name == "transformers"
-    assert "nlphuji/flickr30k" in card.data.datasets
+    assert "arxiv:1502.03044" in card.data.tags  # the paper, in the metadata the Hub reads
+    assert "https://arxiv.org/abs/1502.03044" in text
     for section in (
         "## Intended use and limits",
         "## Training",
@@ -77,24 +78,122 @@ def test_model_card_template_is_a_complete_card():
         "## Citation",
     ):
         assert section in text
-    hyperparameters = [
+    for marker in ("model-summary", "checkpoint-details", "training", "results-table", "attention-figure"):
+        assert f"<!-- {marker} -->" in text and f"<!-- /{marker} -->" in text
+    # What depends on the checkpoint is filled in from it: the template states none of the paper's setup.
+    for paper_setup in (
         "ResNet-101",
-        "2048 x 14 x 14",
-        "512 / 512 / 512",
-        "0.5",
+        "2048 channels",
+        "14 x 14",
+        "196",
         "| 64 |",
-        "| 5 |",
+        "29,000",
+        "512 / 512 / 512",
         "4e-4",
-        "Adam",
-    ]
-    hyperparameters += ["alpha_c = 1", "29,000", "1,014", "1,000"]
-    for value in hyperparameters:
-        assert value in text, value
+    ):
+        assert paper_setup not in text, paper_setup
     assert "| 66.7 | 43.4 | 28.8 | 19.1 | 18.49 |" in text  # the paper's Flickr30K soft-attention numbers
     assert 'pipeline("image-to-text"' in text and "AutoModel.from_pretrained" in text
     assert "Show, Attend and Tell: Neural Image Caption Generation with Visual Attention" in text
     assert "@inproceedings{xu2015show" in text
     assert hub.render_model_card(text) == text  # nothing to fill in: rendering changes nothing
+
+
+TRAINING_ARGS = {  # training_args.json as scripts/train.py writes it, with values far from the paper's
+    "dataset": "synthetic",
+    "data_dir": None,
+    "dataset_options": {"num_train": 40, "image_size": 64},
+    "train_split": "train",
+    "val_split": "validation",
+    "max_train_samples": None,
+    "max_val_samples": 8,
+    "captions_per_image": 2,
+    "min_word_freq": 1,
+    "max_caption_words": 20,
+    "model_size": "tiny",
+    "no_pretrained_encoder": True,
+    "fine_tune_encoder": False,
+    "fine_tune_stages": "3",
+    "epochs": 2,
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "decoder_lr": 0.003,
+    "encoder_lr": 0.0001,
+    "alpha_c": 0.5,
+    "grad_clip": 5.0,
+    "mixed_precision": "no",
+    "seed": 7,
+    "max_steps": None,
+    "num_processes": 1,
+}
+TRAINING_METRICS = {
+    "best": {"bleu_4_approx": 0.31, "epoch": 2},
+    "stopped_because": "epochs",
+    "data": {"train_rows": 40, "val_rows": 8},
+}
+
+
+def test_the_card_describes_the_checkpoint_it_ships_with(tmp_path, model_dir, tiny_model):
+    (model_dir / hub.TRAINING_ARGS_NAME).write_text(json.dumps(TRAINING_ARGS))
+    (model_dir / hub.TRAINING_METRICS_NAME).write_text(json.dumps(TRAINING_METRICS))
+    report = {**EVALUATE_REPORT, "dataset": "synthetic", "num_images": 7, "settings": {"max_samples": 7}}
+    out = hub.assemble_repository(
+        model_dir,
+        tmp_path / "repository",
+        card_template=CARD.read_text(),
+        eval_results=report,
+        with_figure=False,
+    )
+    text = (out / "README.md").read_text()
+    card = ModelCard(text)
+    config = tiny_model.config
+    grid, pixels = config.encoded_image_size, config.num_pixels
+    # training data and hyperparameters from training_args.json and metrics.json
+    for value in (
+        "synthetic (num_train=40, image_size=64)",
+        "40 training images and 8 validation images",
+        "2 captions per image, at most 8 validation images",
+        "truncated to 20 words",
+        "at least 1 times",
+        f"({config.vocab_size} entries",
+        "| Model size preset | tiny |",
+        "randomly initialised, frozen",
+        "alpha_c = 0.5",
+        "decoder learning rate 0.003",
+        "| Batch size | 8 |",
+        "| Epochs | 2 |",
+        "| Seed | 7 |",
+        "best validation BLEU-4 (approximate tokenisation): epoch 2",
+    ):
+        assert value in text, value
+    # sizes and usage shapes from the folder's config and processor
+    summary = text.split("<!-- model-summary -->", 1)[1].split("<!-- /model-summary -->", 1)[0]
+    assert "resized to 64 x 64" in summary and f"pooled to {grid} x {grid}" in summary
+    assert f"over the {pixels} grid positions" in summary and "randomly initialised ResNet" in summary
+    assert "| Input | RGB, resized to 64 x 64 pixels |" in text
+    assert f"(len(words), {pixels})" in text and f"(sequences, steps, {pixels})" in text
+    assert hub.GRID_PLACEHOLDER not in text and hub.PIXELS_PLACEHOLDER not in text
+    # an evaluation of the first N images says so, in the table and in the metadata
+    assert "| This model (synthetic test (first 7)) |" in text
+    assert {r.dataset_split for r in card.data.eval_results} == {"test (first 7)"}
+    # the paper is linked; its setup is not claimed where it would be wrong
+    assert "arxiv:1502.03044" in card.data.tags
+    assert card.data.datasets is None  # not trained on Flickr30K
+    checkpoint_and_training = text.split("## Checkpoint", 1)[1].split("## Evaluation", 1)[0]
+    for paper_setup in ("ResNet-101", "| 64 |", "Flickr30K", "29,000", "14 x 14", "196", "4e-4", "512 / 512"):
+        assert paper_setup not in checkpoint_and_training, paper_setup
+    for paper_setup in ("ResNet-101", "14 x 14", "(len(words), 196)", "256 x 256"):
+        assert paper_setup not in text, paper_setup
+
+
+def test_a_folder_without_training_args_says_its_training_is_not_recorded(tmp_path, model_dir):
+    out = hub.assemble_repository(
+        model_dir, tmp_path / "repository", card_template=CARD.read_text(), with_figure=False
+    )
+    text = (out / "README.md").read_text()
+    training = text.split("<!-- training -->", 1)[1].split("<!-- /training -->", 1)[0]
+    assert "holds no `training_args.json`" in training
+    assert "| 64 |" not in text and "29,000" not in text and "ResNet-101" not in text
 
 
 EVALUATE_REPORT = {  # what scripts/evaluate.py --output writes, abridged
