@@ -13,6 +13,8 @@
 Output: without `--output`, one line per image (`path<TAB>caption`), or a JSON array with `--json`. With
 `--output FILE.jsonl`, one JSON row per image (`{"path": ..., "caption": ...}`, `image_id` for datasets,
 `error` instead of `caption` for a file that could not be read), in input order.
+
+File names are written so that every line stays one line and every name can be reused (see ESCAPING below).
 `--num-return-sequences N` adds `captions`, the N best captions of the beam search, best first (what
 `scripts/search_images.py build` indexes).
 
@@ -40,6 +42,7 @@ import re
 import shutil
 import sys
 import tempfile
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -56,9 +59,59 @@ from show_attend_tell.overlapped_generation import generate_overlapped
 from show_attend_tell.pipeline_show_attend_tell import words_and_attention
 
 PROG = "caption.py"
+HELP_EPILOG = r"""
+escaping:
+  In `path<TAB>caption` lines and in messages, a backslash is written \\, a tab \t, a newline \n, a carriage
+  return \r, other control and line-separator characters \xNN or \uNNNN, and each byte of a file name that
+  is not valid UTF-8 (legal on Linux) \xNN: `caf\xe9.png`. In bash, $'...' gives the name back:
+  ls $'caf\xe9.png'. JSON output (--json, --output) holds the name itself: JSON escapes tabs and newlines, and
+  a byte that is not UTF-8 appears as \udcNN (Python's json.loads and os.fsencode give the bytes back).
+
+exit status:
+  0  every image was captioned (or already was, in --output)
+  1  an image could not be read or captioned, or the inputs hold no image at all (a folder named on the
+     command line that holds no picture is reported: `DIR: no images found`)
+  2  a usage error, or the model could not be loaded
+"""
 #: Extensions picked up when a folder is scanned (a file named explicitly is always tried).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_SHORT_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def display_name(text: str) -> str:
+    """
+    `text` (a file name, URL, id or caption) as part of one unambiguous line: a backslash, tab, newline and
+    carriage return are backslash-escaped, other control and line-separating characters become \\xNN or
+    \\uNNNN, and each byte of a file name that is not UTF-8 (which Python holds as a surrogate escape, U+DC80 to
+    U+DCFF) becomes \\xNN. Bash's $'...' turns the result back into the name.
+    """
+    pieces = []
+    for char in text:
+        code = ord(char)
+        if char in _SHORT_ESCAPES:
+            pieces.append(_SHORT_ESCAPES[char])
+        elif 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
+            pieces.append(f"\\x{code - 0xDC00:02x}")
+        elif unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp"):
+            pieces.append(f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}")
+        else:
+            pieces.append(char)
+    return "".join(pieces)
+
+
+_JSON_LINE_BREAKS = {ord(char): f"\\u{ord(char):04x}" for char in "\x85\u2028\u2029"}
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """
+    One JSON row, valid UTF-8 whatever the file names: a byte of a name that is not UTF-8 (a lone surrogate,
+    which no UTF-8 file can hold) is written as the JSON escape \\udcNN, which json.loads reads back as the same
+    name; U+0085, U+2028 and U+2029 are escaped too.
+    """
+    text = json.dumps(row, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
+    # Unicode line breaks that json.dumps leaves raw: escaped, so a reader splitting lines on them keeps rows whole
+    return text.translate(_JSON_LINE_BREAKS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,14 +144,17 @@ def _expand(argument: str) -> list[str]:
         return [argument]
     path = Path(argument).expanduser()
     if path.is_dir():
-        return _scan_folder(path)
+        found = _scan_folder(path)
+        if not found:
+            print(f"{PROG}: warning: {display_name(argument)}: no images found", file=sys.stderr)
+        return found
     if path.exists() or not _GLOB_CHARS.search(argument):
         return [os.path.normpath(str(path))]  # a missing file is reported as a failed image, not skipped
     matches = []
     for match in sorted(glob.glob(str(path), recursive=True)):
         matches.extend(_scan_folder(Path(match)) if Path(match).is_dir() else [os.path.normpath(match)])
     if not matches:
-        print(f"{PROG}: warning: {argument!r} matches no file", file=sys.stderr)
+        print(f"{PROG}: warning: {display_name(argument)} matches no file", file=sys.stderr)
     return matches
 
 
@@ -125,7 +181,8 @@ def collect_inputs(args: argparse.Namespace) -> Inputs:
 
     entries: list[str] = list(args.images)
     if args.list:
-        with open(args.list, encoding="utf-8") as file:
+        # surrogateescape: a listed file name that is not UTF-8 is kept, byte for byte, like one on the command line
+        with open(args.list, encoding="utf-8", errors="surrogateescape") as file:
             entries.extend(
                 line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")
             )
@@ -299,10 +356,10 @@ def print_rows(output: Path, keys: Sequence[str], as_json: bool, stream: IO[str]
         if _row_key(row) not in wanted:
             continue
         if as_json:
-            stream.write(("\n  " if first else ",\n  ") + json.dumps(row, ensure_ascii=False))
+            stream.write(("\n  " if first else ",\n  ") + json_line(row))
             first = False
         elif "caption" in row:
-            stream.write(f"{_row_key(row)}\t{row['caption']}\n")
+            stream.write(f"{display_name(_row_key(row))}\t{display_name(row['caption'])}\n")
     if as_json:
         stream.write("\n]\n" if not first else "]\n")
     stream.flush()
@@ -320,7 +377,7 @@ def figure_names(keys: Sequence[str]) -> dict[str, str]:
     return {
         key: f"{stem}.png"
         if counts[stem] == 1
-        else f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.png"
+        else f"{stem}-{hashlib.sha1(os.fsencode(key)).hexdigest()[:8]}.png"
         for key, stem in zip(keys, stems, strict=True)
     }
 
@@ -342,6 +399,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Caption images with a Show, Attend and Tell model (runs unchanged under `accelerate launch`).",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="*", help="image files, folders (scanned recursively), globs or URLs")
     parser.add_argument("--model", required=True, help="model folder or Hub repository id")
@@ -456,6 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_main:
             print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    if not inputs.keys:
+        if is_main:
+            print(f"{PROG}: error: no images to caption", file=sys.stderr)
+        return 1
 
     scratch = None
     if args.output is not None:
@@ -527,9 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for batch, generated in generate_overlapped(model, batches, **generate_kwargs):
                 lines = []
                 for _, key, message in batch["errors"]:
-                    # Through tqdm, so the message gets a line of its own instead of joining the bar's.
-                    progress.write(f"{PROG}: error: {message}", file=sys.stderr)
                     reason = message[len(key) + 2 :] if message.startswith(f"{key}: ") else message
+                    # Through tqdm, so the message gets a line of its own instead of joining the bar's.
+                    progress.write(f"{PROG}: error: {display_name(key)}: {reason}", file=sys.stderr)
                     lines.append({inputs.key_field: key, "error": reason})
                 if generated is not None:
                     sequences = generated.sequences if args.visualize is not None else generated
@@ -555,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         lines.append(record)
                 # One write and flush per batch: a kill loses at most the batch being written, whose
                 # cut-off last line the next run ignores.
-                part.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+                part.write("".join(json_line(line) + "\n" for line in lines))
                 part.flush()
                 progress.update(min(len(lines) * accelerator.num_processes, progress.total - progress.n))
         progress.close()
@@ -565,7 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if is_main:
         captioned, failed, missing = merge_rows(output, inputs.keys)
         for key in missing:
-            print(f"{PROG}: error: {key}: no caption was written (a process stopped?)", file=sys.stderr)
+            print(
+                f"{PROG}: error: {display_name(key)}: no caption was written (a process stopped?)",
+                file=sys.stderr,
+            )
         if args.output is None or args.json:
             try:
                 print_rows(output, inputs.keys, args.json, sys.stdout)

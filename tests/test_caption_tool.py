@@ -391,3 +391,124 @@ def test_memory_is_bounded_by_the_batch_not_the_collection(tmp_path, model_dir):
     # mostly torch and transformers themselves). Holding the collection's pixel values alone would add
     # 1800 more * 3 * 64 * 64 * 4 bytes = 84 MiB.
     assert peaks["many"] <= peaks["few"] + 40, peaks
+
+
+# --- file names: bytes that are not UTF-8, tabs, newlines, backslashes; empty folders ---------------
+
+# (name as bytes, as the plain output shows it): legal Linux file names that broke the tool or its output
+ODD_NAMES = [
+    (b"caf\xe9.png", "caf\\xe9.png"),  # Latin-1, not UTF-8
+    (b"\xff\xfe.png", "\\xff\\xfe.png"),
+    (b"tab\there.png", "tab\\there.png"),
+    (b"new\nline.png", "new\\nline.png"),
+    (b"back\\slash.png", "back\\\\slash.png"),
+    ("café ☕.png".encode(), "café ☕.png"),  # valid UTF-8 stays as it is
+    (b"plain.png", "plain.png"),
+]
+
+
+def odd_named_images(folder: Path) -> list[Path]:
+    """One picture under each of ODD_NAMES, in the order the tool lists a scanned folder; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = make_images(folder.parent / "sources", len(ODD_NAMES))
+    paths = []
+    for (raw, _), source in zip(ODD_NAMES, sources, strict=True):
+        path = Path(os.fsdecode(os.path.join(os.fsencode(folder), raw)))
+        path.write_bytes(source.read_bytes())
+        paths.append(path)
+    return sorted(paths, key=str)
+
+
+def unescape(field: str) -> str:
+    """What bash's $'...' makes of a name the tool printed: the file name back (as Python holds it)."""
+    import codecs
+
+    return os.fsdecode(codecs.escape_decode(field.encode())[0])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names that are not UTF-8 need a Linux file system")
+def test_odd_file_names_are_printed_escaped_one_line_each_and_reusable(
+    tmp_path, model_dir, tiny_model, processor
+):
+    paths = odd_named_images(tmp_path / "photos")
+    expected = dict(
+        zip(paths, expected_captions(tiny_model, processor, paths, max_new_tokens=5), strict=True)
+    )
+    common = [sys.executable, str(SCRIPT), "--model", str(model_dir), str(tmp_path / "photos")]
+    common += ["--max-new-tokens", "5", "--no-progress", "--batch-size", "3"]
+
+    plain = subprocess.run(common, env=subprocess_env(), capture_output=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr.decode(errors="replace")[-3000:]
+    lines = plain.stdout.decode("utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == len(paths) + 1  # one line per image, newline in a name or not
+    shown = {}
+    for line in lines[:-1]:
+        name, text = line.split("\t")  # exactly two fields: a tab in a name is escaped
+        shown[Path(unescape(name))] = text
+    assert shown == {path: expected[path] for path in paths}
+    assert {line.split("\t")[0].rsplit("/", 1)[1] for line in lines[:-1]} == {s for _, s in ODD_NAMES}
+
+    as_json = subprocess.run([*common, "--json"], env=subprocess_env(), capture_output=True, timeout=300)
+    assert as_json.returncode == 0, as_json.stderr.decode(errors="replace")[-3000:]
+    rows = json.loads(as_json.stdout.decode("utf-8"))  # valid UTF-8 and valid JSON
+    assert [(Path(row["path"]), row["caption"]) for row in rows] == list(expected.items())
+    assert {os.fsencode(Path(row["path"]).name) for row in rows} == {raw for raw, _ in ODD_NAMES}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names that are not UTF-8 need a Linux file system")
+def test_odd_file_names_in_jsonl_resume_and_errors(tmp_path, model_dir, capsys):
+    paths = odd_named_images(tmp_path / "photos")
+    broken = Path(os.fsdecode(os.fsencode(tmp_path / "photos") + b"/broken\xe9\n.png"))
+    broken.write_bytes(b"not a picture")
+    output = tmp_path / "captions.jsonl"
+    argv = ["--model", str(model_dir), str(tmp_path / "photos"), "--max-new-tokens", "4", "--no-progress"]
+    argv += ["--output", str(output), "--batch-size", "2"]
+    assert caption.main(argv) == 1  # the broken picture
+    err = capsys.readouterr().err
+    assert "caption.py: error: " + caption.display_name(str(broken)) + ": " in err
+    assert "broken\\xe9\\n.png: " in err
+    text = output.read_bytes().decode("utf-8")  # valid UTF-8
+    rows = [json.loads(line) for line in text.split("\n")[:-1]]
+    assert len(rows) == len(paths) + 1
+    assert {row["path"] for row in rows if "caption" in row} == set(map(str, paths))
+    assert [row["path"] for row in rows if "error" in row] == [str(broken)]
+
+    broken.unlink()
+    assert caption.main(argv) == 0  # a re-run: every name found again in the bookkeeping, nothing redone
+    assert f"{len(paths)} images already captioned" in capsys.readouterr().err
+    assert [json.loads(line) for line in output.read_text("utf-8").splitlines() if "caption" in line] == [
+        row for row in rows if "caption" in row
+    ]
+
+
+def test_figure_names_of_names_that_are_not_utf8():
+    names = caption.figure_names(["a/caf\udce9.png", "b/caf\udce9.png", "c/caf\udce9.png"])
+    assert len(set(names.values())) == 3 and all(name.isascii() for name in names.values())
+
+
+def test_an_empty_folder_is_named_and_nothing_to_caption_is_an_error(tmp_path, model_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no-pictures").mkdir()
+    (tmp_path / "no-pictures" / "notes.txt").write_text("not a picture")
+    make_images(tmp_path / "photos", 1)
+    common = ["--model", str(model_dir), "--max-new-tokens", "3", "--no-progress"]
+
+    assert caption.main([*common, str(tmp_path / "empty"), str(tmp_path / "no-pictures")]) == 1
+    captured = capsys.readouterr()
+    assert f"caption.py: warning: {tmp_path / 'empty'}: no images found" in captured.err
+    assert f"caption.py: warning: {tmp_path / 'no-pictures'}: no images found" in captured.err
+    assert "caption.py: error: no images to caption" in captured.err
+    assert captured.out == ""
+
+    # with pictures elsewhere: the empty folder is named, the others are captioned
+    assert caption.main([*common, str(tmp_path / "empty"), str(tmp_path / "photos")]) == 0
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'empty'}: no images found" in captured.err
+    assert len(captured.out.splitlines()) == 1
+
+
+def test_the_help_documents_escaping_and_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        caption.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "caf\\xe9.png" in out and "$'...'" in out and "exit status" in out and "--trust-remote-code" in out
