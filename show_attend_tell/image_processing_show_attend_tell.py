@@ -307,6 +307,20 @@ class ShowAttendTellImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values"]
+    #: The keyword arguments a call accepts besides `return_tensors` (the processor routes these here).
+    call_options = (
+        "do_convert_rgb",
+        "do_resize",
+        "size",
+        "resample",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "data_format",
+        "input_data_format",
+    )
 
     def __init__(
         self,
@@ -365,10 +379,10 @@ class ShowAttendTellImageProcessor(BaseImageProcessor):
         Images (one or a list) -> `BatchFeature(pixel_values=(images, 3, height, width))`; keyword arguments
         override the processor's settings for this call.
         """
-        unknown = sorted(set(kwargs) - set(_CALL_OPTIONS))
+        unknown = sorted(set(kwargs) - set(self.call_options))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected arguments: {', '.join(unknown)}")
-        options = {name: kwargs.get(name, getattr(self, name, None)) for name in _CALL_OPTIONS}
+        options = {name: kwargs.get(name, getattr(self, name, None)) for name in self.call_options}
         options.update(
             _checked_settings(**{name: options[name] for name in _CHECKED}),
             data_format=ChannelDimension(options["data_format"] or ChannelDimension.FIRST),
@@ -415,20 +429,6 @@ class ShowAttendTellImageProcessor(BaseImageProcessor):
         return self.preprocess(images, **kwargs)
 
 
-#: The per-call settings (besides `return_tensors`), named as in transformers' image processors.
-_CALL_OPTIONS = (
-    "do_convert_rgb",
-    "do_resize",
-    "size",
-    "resample",
-    "do_rescale",
-    "rescale_factor",
-    "do_normalize",
-    "image_mean",
-    "image_std",
-    "data_format",
-    "input_data_format",
-)
 _CHECKED = ("size", "resample", "image_mean", "image_std", "rescale_factor")
 
 

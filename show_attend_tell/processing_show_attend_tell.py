@@ -11,7 +11,8 @@ class ShowAttendTellProcessor(ProcessorMixin):
     r"""
     Wraps a [`ShowAttendTellImageProcessor`] and a [`ShowAttendTellTokenizer`].
 
-    `processor(images=..., text=...)` returns `pixel_values` `(images, 3, 256, 256)` and, for text,
+    `processor(images=..., text=...)` returns `pixel_values` `(images, 3, height, width)` (the image processor's
+    options, e.g. `do_resize=False` or `size={"height": 128, "width": 128}`, may be given too) and, for text,
     `input_ids` / `attention_mask` (`<start> words <end>`, padded to the longest caption and truncated to
     `max_length` tokens). `batch_decode` turns generated ids into captions without special tokens.
     """
@@ -37,9 +38,15 @@ class ShowAttendTellProcessor(ProcessorMixin):
     ) -> BatchFeature:
         if images is None and text is None:
             raise ValueError("pass images, text, or both")
+        # The image processor's own options (do_resize, size, ...) go to it; the rest to the tokenizer.
+        image_options = {
+            name: kwargs.pop(name)
+            for name in getattr(self.image_processor, "call_options", ())
+            if name in kwargs
+        }
         data = {}
         if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors))
+            data.update(self.image_processor(images, return_tensors=return_tensors, **image_options))
         if text is not None:
             data.update(
                 self.tokenizer(

@@ -383,3 +383,14 @@ def test_processor_combines_images_and_text(tmp_path, processor, sample_image):
     torch.testing.assert_close(loaded(images=sample_image)["pixel_values"], batch["pixel_values"][:1])
     with pytest.raises(ValueError, match="pass images, text, or both"):
         processor()
+
+
+def test_processor_passes_the_image_processors_options_on(processor, sample_image):
+    batch = processor(images=sample_image, text="a red circle", do_resize=False, do_normalize=False)
+    assert batch["pixel_values"].shape == (1, 3, 48, 64)  # the picture's own size
+    np.testing.assert_allclose(
+        batch["pixel_values"][0].numpy(), np.asarray(sample_image).transpose(2, 0, 1) / 255.0, atol=1e-6
+    )
+    assert processor.batch_decode(batch["input_ids"]) == ["a red circle"]
+    resized = processor(images=sample_image, size={"height": 20, "width": 30})["pixel_values"]
+    assert resized.shape == (1, 3, 20, 30)
