@@ -12,6 +12,12 @@ model-index and results table, and an example attention figure), loads it in a f
 cannot import this package, and uploads it only if that works. `--dry-run OUT` writes and checks the folder
 without uploading.
 
+The card describes this checkpoint, not the paper's: its sizes and usage shapes come from the folder's
+config and processor, its training data and hyperparameters from the `training_args.json` and
+`metrics.json` that scripts/train.py writes into the model folder (a folder without them says its training
+is not recorded). Scores from `scripts/evaluate.py --approximate-tokenization` stay labelled approximate, and
+an evaluation of the first N images (`--max-samples`) stays "test (first N)".
+
 The token is read by huggingface_hub from where it keeps it (`HF_TOKEN`, or `hf auth login`); it is never
 written into the folder.
 """
