@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -505,7 +506,8 @@ CODE_FILES = [
 
 def folder_with_marked_code(clean: Path, where: Path) -> tuple[Path, Path]:
     """A model folder whose code files each create a file in `where/marks/` when they are imported."""
-    folder = broken_copy(clean, where / "model")
+    # a folder name of its own: transformers 4.x names the imported code after the folder, and reuses it
+    folder = broken_copy(clean, where / f"model-{uuid.uuid4().hex[:8]}")
     marks = where / "marks"
     marks.mkdir()
     for name in CODE_FILES:
