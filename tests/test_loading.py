@@ -653,3 +653,40 @@ def test_each_script_says_in_one_line_which_file_is_broken(corruption, clean_fol
             errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
             assert len(errors) == 1 and "Traceback" not in errors[0], (name, flag, errors)
             assert str(folder / file_name) in errors[0], (name, flag, errors)
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """`folder` as huggingface_hub's cache holds a downloaded repository (what an offline machine has)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+@pytest.mark.compat
+def test_a_hub_repository_is_checked_like_a_folder(clean_folder, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _fake_hub_cache(cache, "someone/sat", clean_folder)
+    model, processor = hub.load_model_and_processor("someone/sat")
+    assert len(processor.tokenizer) == model.config.vocab_size
+
+    broken = broken_copy(clean_folder, tmp_path / "broken")
+    edit_json(broken / "tokenizer.json", _tokens(lambda word, index: index < 4))
+    _fake_hub_cache(cache, "someone/empty-vocabulary", broken)
+    with pytest.raises(
+        hub.ModelLoadError, match=r"snapshots/\w+/tokenizer.json: the vocabulary holds no words"
+    ):
+        hub.load_model_and_processor("someone/empty-vocabulary")
+
+    with pytest.raises(
+        hub.ModelLoadError, match=r"^someone/absent: no such folder, and the Hub repository"
+    ) as caught:
+        hub.load_model_and_processor("someone/absent")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(hub.ModelLoadError, match=r"no such model folder$"):
+        hub.load_model_and_processor(tmp_path / "no" / "such" / "folder")
