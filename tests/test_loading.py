@@ -563,6 +563,18 @@ def _load_evaluate_script():
     return module
 
 
+def synthetic_data_options(tmp_path: Path) -> list[str]:
+    """evaluate.py's options for a small synthetic split, cached under `tmp_path`."""
+    return [
+        "--dataset",
+        "synthetic",
+        "--cache-dir",
+        str(tmp_path / "data"),
+        "--dataset-option",
+        "image_size=32",
+    ]
+
+
 def test_scripts_run_the_folders_code_only_with_trust_remote_code(
     clean_folder, sample_image, tmp_path, capsys
 ):
@@ -572,14 +584,7 @@ def test_scripts_run_the_folders_code_only_with_trust_remote_code(
     sample_image.save(image)
     caption = _load_caption_script()
     evaluate = _load_evaluate_script()
-    data = [
-        "--dataset",
-        "synthetic",
-        "--cache-dir",
-        str(tmp_path / "data"),
-        "--dataset-option",
-        "image_size=32",
-    ]
+    data = synthetic_data_options(tmp_path)
     data += ["--max-samples", "2", "--no-progress", "--num-workers", "0", "--num-beams", "1"]
     data += ["--max-new-tokens", "4", "--device", "cpu", "--metrics", "bleu"]
 
@@ -631,14 +636,7 @@ def test_each_script_says_in_one_line_which_file_is_broken(corruption, clean_fol
     image = tmp_path / "picture.png"
     image.write_bytes(b"")  # never read: the model is refused first
     evaluate = _load_evaluate_script()
-    data = [
-        "--dataset",
-        "synthetic",
-        "--cache-dir",
-        str(tmp_path / "data"),
-        "--dataset-option",
-        "image_size=32",
-    ]
+    data = synthetic_data_options(tmp_path)
     runs = {
         "caption.py": lambda flag: _load_caption_script().main(["--model", str(folder), str(image), *flag]),
         "evaluate.py": lambda flag: evaluate.main(
