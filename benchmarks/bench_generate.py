@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import calibrate_batchnorm, precision, synchronize
 from reference_beam_search import classic_beam_search
 
+import show_attend_tell.fast_decoding_show_attend_tell as fast_decoding
 from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 from show_attend_tell.overlapped_generation import generate_overlapped
 
@@ -315,6 +316,125 @@ class Captioner:
             max_new_tokens=self.args.max_new_tokens,
             search=self.args.reference_search,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# What each piece of the fast path buys (with and without it, same run)
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _setting(owner, name: str, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+def fast_path_pieces(
+    model, device: torch.device, compiled: bool = True
+) -> dict[str, tuple[str, contextlib.AbstractContextManager]]:
+    """
+    Each piece of `fast_decoding_show_attend_tell`, as what turns it off: {name: (what it is, a context
+    factory in which generate() runs without it)}. Pieces that are off by default are turned on instead,
+    and their ratio reads the other way (see `measure_pieces`).
+    """
+    decoder = model.decoder
+    pieces = {
+        "fast path (all of it)": (
+            "the plain step instead",
+            lambda: _setting(decoder, "fast_inference", False),
+        ),
+        "prepacked bf16 weights": (
+            "oneDNN-prepacked weights (CPU, bf16)",
+            lambda: _setting(fast_decoding, "PACKED_BF16_PRODUCTS", False),
+        ),
+        "attention in cache-sized blocks": (
+            "one block for the whole batch",
+            lambda: _setting(fast_decoding, "CPU_ATTENTION_BLOCK_BYTES", 2**62),
+        ),
+        "identical rows computed once": (
+            "every beam at the first step",
+            lambda: _setting(fast_decoding, "SHARE_IDENTICAL_ROWS", False),
+        ),
+        "float32 logits of the likeliest words": (
+            "bf16 exactness, a cost (ratio < 1 means it costs)",
+            lambda: _setting(fast_decoding, "exact_top_logits", lambda logits, *args: logits.float()),
+        ),
+    }
+    if compiled:  # the first call compiles (tens of seconds on a CPU)
+        pieces["fused attention scores (torch.compile, off by default)"] = (
+            "on instead of off",
+            lambda: _setting(decoder, "fuse_attention_scores", True),
+        )
+    if device.type == "cuda":
+        pieces["captured steps (CUDA graphs, off by default)"] = (
+            "on instead of off",
+            lambda: _setting(decoder, "capture_steps", True),
+        )
+    return pieces
+
+
+def measure_pieces(captioner: Captioner, features, pixel_values, args, device: torch.device) -> dict:
+    """
+    For each piece, decoder-only `generate()` with and without it, interleaved (the order alternating from one
+    repetition to the next), plus the encoder alone: the ratio is time without / time with (above 1: the
+    piece pays). End to end, a decoder piece saves the same seconds on top of the encoder's time, so its
+    end-to-end ratio is (encoder + decoder without) / (encoder + decoder with), from the same repetitions.
+    """
+    model = captioner.model
+    pieces = fast_path_pieces(model, device, compiled=args.fused_attention)
+    batch = features.shape[0]
+    for _, turn_off in pieces.values():  # warm-up: weights prepared, kernels compiled, in both settings
+        with turn_off():
+            captioner.ours_decoder(features, args.dtype)
+    captioner.ours_decoder(features, args.dtype)
+    times = {name: {"with": [], "without": [], "encoder": []} for name in pieces}
+    for repeat in range(args.repeats):
+        for name, (_, turn_off) in pieces.items():
+            order = ("with", "without") if repeat % 2 == 0 else ("without", "with")
+            for which in order:
+                if which == "with":
+                    seconds, _ = timed(lambda: captioner.ours_decoder(features, args.dtype), device)
+                else:
+                    with turn_off():
+                        seconds, _ = timed(lambda: captioner.ours_decoder(features, args.dtype), device)
+                times[name][which].append(seconds)
+            seconds, _ = timed(lambda: captioner.ours_encoder(pixel_values, args.dtype), device)
+            times[name]["encoder"].append(seconds)
+        print(f"  pieces: repeat {repeat + 1}/{args.repeats} done", flush=True)
+    results = {}
+    print(
+        f"\nWhat each piece buys: time without / time with (> 1: it pays), batch {batch}, {args.dtype}, beam "
+        f"{args.num_beams}, {args.threads} thread(s); median [min, max] of {args.repeats} interleaved pairs"
+    )
+    print(f"  {'piece':<56} {'decoder-only':>24} {'end to end':>24}")
+    for name, (what, _) in pieces.items():
+        entry = times[name]
+        decoder_ratios = [w / o for o, w in zip(entry["with"], entry["without"], strict=True)]
+        e2e_ratios = [
+            (e + w) / (e + o)
+            for o, w, e in zip(entry["with"], entry["without"], entry["encoder"], strict=True)
+        ]
+        if "instead of off" in what:  # off by default: the ratio is time off / time on, read the same way
+            decoder_ratios = [1 / r for r in decoder_ratios]
+            e2e_ratios = [1 / r for r in e2e_ratios]
+        results[name] = {
+            "switch": what,
+            "decoder_ratio": statistics.median(decoder_ratios),
+            "end_to_end_ratio": statistics.median(e2e_ratios),
+            "decoder_ratios": decoder_ratios,
+            "end_to_end_ratios": e2e_ratios,
+            "seconds": entry,
+        }
+
+        def cell(ratios: list[float]) -> str:
+            return f"{statistics.median(ratios):.3f} [{min(ratios):.2f}, {max(ratios):.2f}]"
+
+        print(f"  {name:<56} {cell(decoder_ratios):>24} {cell(e2e_ratios):>24}   ({what})")
+    return results
 
 
 def rows_to_captions(ids: torch.Tensor, eos: int) -> list[list[int]]:
@@ -640,6 +760,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--trained-images", type=int, default=250, help="synthetic test pictures for it")
     parser.add_argument("--trained-image-size", type=int, default=64, help="their size (the demo's: 64)")
+    parser.add_argument(
+        "--pieces",
+        action="store_true",
+        help="also measure what each piece of the fast path buys (with and without it, interleaved)",
+    )
+    parser.add_argument(
+        "--pieces-only",
+        action="store_true",
+        help="only that (a minute or two on a CPU): build the model, measure each piece, print the ratios",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke mode: small batch, one repetition")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
@@ -730,6 +860,17 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         features = torch.cat([model.encoder(chunk).last_hidden_state for chunk in pixel_values.split(8)])
     print(f"model built and images encoded in {time.perf_counter() - started:.0f} s", flush=True)
+
+    def pieces() -> dict:
+        # at the library's defaults (fused scores off), each piece with and without
+        with _setting(model.decoder, "fuse_attention_scores", False):
+            return measure_pieces(captioner, features, pixel_values, args, device)
+
+    if args.pieces_only:
+        result = {"settings": settings, "pieces": pieces(), "load_average": [load_start, os.getloadavg()]}
+        if args.json_out:
+            args.json_out.write_text(json.dumps(result, indent=1))
+        return result
 
     # ---- correctness first: the reference and generate() agree in float32 -------------------------
     reference_pixels = pixel_values[: args.reference_images]
@@ -1027,6 +1168,8 @@ def main(argv: list[str] | None = None) -> dict:
         "table": report.rows,
         "seconds": time.perf_counter() - started,
     }
+    if args.pieces:
+        output["pieces"] = pieces()
     print(f"\ntotal {output['seconds']:.0f} s")
     if args.json_out:
         args.json_out.write_text(json.dumps(output, indent=2))

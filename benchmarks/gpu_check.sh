@@ -28,11 +28,11 @@ timeout 200 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPE
 timeout 150 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPEATS:-3}" --batch-size 1024 \
     --skip-peer --skip-memory --json-out "$out/bench_generate_gpu_1024.json" 2>&1 \
     | tee "$out/bench_generate_gpu_1024.log" || status=1
-# the same with each decoding step replayed from a CUDA graph (`--capture-steps`)
+# what each piece of the fast path buys there, with and without it (captured steps, i.e. CUDA graphs, included)
 for batch in 256 1024; do
-    timeout 150 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPEATS:-3}" --batch-size "$batch" \
-        --capture-steps --skip-peer --skip-memory --json-out "$out/bench_generate_gpu_captured_$batch.json" 2>&1 \
-        | tee "$out/bench_generate_gpu_captured_$batch.log" || status=1
+    timeout 150 python3 benchmarks/bench_generate.py --device cuda --pieces-only --repeats "${REPEATS:-3}" \
+        --batch-size "$batch" --json-out "$out/bench_generate_gpu_pieces_$batch.json" 2>&1 \
+        | tee "$out/bench_generate_gpu_pieces_$batch.log" || status=1
 done
 timeout 100 python3 benchmarks/bench_train.py --device cuda --steps "${TRAIN_STEPS:-5}" --json-out "$out/bench_train_gpu.json" 2>&1 \
     | tee "$out/bench_train_gpu.log" || status=1

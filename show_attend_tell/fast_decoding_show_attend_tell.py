@@ -41,6 +41,8 @@ PACKED_BF16_PRODUCTS = (
 # beams. Streamed through main memory it costs a CPU more than the decoder's matrix products; cut into blocks
 # that stay in the cache, it costs a fraction of that.
 CPU_ATTENTION_BLOCK_BYTES = 4 * 2**20
+# Rows of one image that read the same words (every beam at generate()'s first step) are computed once.
+SHARE_IDENTICAL_ROWS = True
 # Captured steps kept per decoder, one per step shape, the least recently used dropped first: a collection's
 # full batches and its last one. Each holds its own copy of the image features and keys and the step's outputs.
 CAPTURED_STEPS_KEPT = 2
@@ -452,7 +454,7 @@ def inference_forward(
         images = features.shape[0]
         copies = rows // images
         grouped = input_ids.view(images, copies, steps)
-        if copies > 1 and bool((grouped == grouped[:, :1]).all()):
+        if SHARE_IDENTICAL_ROWS and copies > 1 and bool((grouped == grouped[:, :1]).all()):
             # Every row of an image reads the same words (generate's first step: <start> for every beam):
             # decode one row per image and copy the results.
             one = inference_forward(decoder, grouped[:, 0], features, None, copies)

@@ -49,3 +49,26 @@ def test_bench_generate_quick_checks_exactness_and_writes_json(tmp_path, tiny_mo
     for key in ("bf16_vs_fp32_end_to_end", "bf16_vs_fp32_decoder", "fp32_decoder_with_bf16_rounded_weights"):
         assert 0 < trained[key] <= 1, key  # a share of the 16 pictures, some of them identical
     assert "bf16 ids = float32, trained model, end-to-end" in completed.stdout
+
+
+@pytest.mark.slow
+def test_bench_generate_measures_each_piece_of_the_fast_path_with_and_without_it(tmp_path):
+    json_out = tmp_path / "pieces.json"
+    command = [sys.executable, str(SCRIPT), "--pieces-only", "--quick", "--threads", "1", "--device", "cpu"]
+    command += ["--no-fused-attention", "--json-out", str(json_out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    pieces = json.loads(json_out.read_text())["pieces"]
+    expected = {
+        "fast path (all of it)",
+        "prepacked bf16 weights",
+        "attention in cache-sized blocks",
+        "identical rows computed once",
+        "float32 logits of the likeliest words",
+    }
+    assert set(pieces) == expected
+    for name, piece in pieces.items():
+        assert len(piece["decoder_ratios"]) == len(piece["end_to_end_ratios"]) == 1, name  # --quick: 1 repeat
+        assert all(ratio > 0 for ratio in piece["decoder_ratios"] + piece["end_to_end_ratios"]), name
+        assert name in completed.stdout
