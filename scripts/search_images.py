@@ -425,7 +425,8 @@ def index_main(command: str, argv: Sequence[str]) -> int:
         if not new and not pending.is_file():
             return 0
         listed = args.index / f"pending-{os.environ.get('RANK', '0')}.list"
-        listed.write_text("".join(f"{key}\n" for key in new), encoding="utf-8")
+        # surrogateescape: file names that are not UTF-8 go through byte for byte, as caption.py reads them
+        listed.write_text("".join(f"{key}\n" for key in new), encoding="utf-8", errors="surrogateescape")
         caption_argv = caption_arguments(
             argparse.Namespace(**{**vars(args), "images": [], "list": str(listed)}), pending
         )

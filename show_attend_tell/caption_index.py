@@ -51,6 +51,7 @@ __all__ = [
     "IndexHit",
     "IndexModelMismatchError",
     "IndexedPicture",
+    "pictures_from_caption_rows",
     "query_terms",
 ]
 
@@ -280,11 +281,24 @@ class CaptionIndex:
 
     @staticmethod
     def _check_model(path: Path, stored: Mapping[str, Any], given: Mapping[str, Any]) -> None:
-        if json.loads(json.dumps(dict(given), sort_keys=True)) != stored:
+        given = json.loads(json.dumps(dict(given), sort_keys=True))  # as it would be stored
+        if given == stored:
+            return
+        if given.get("fingerprint") != stored.get("fingerprint"):
             raise IndexModelMismatchError(
-                f"caption index {path} was built with {_describe_model(stored)}, not with "
-                f"{_describe_model(given)}: use that model, or build a new index"
+                f"caption index {path} was built with another model (weights {str(stored.get('fingerprint'))[:12]}, "
+                f"not {str(given.get('fingerprint'))[:12]}): use that model, or build a new index"
             )
+        old, new = stored.get("generation", {}), given.get("generation", {})
+        changed = ", ".join(
+            f"{key}={old.get(key)} (not {new.get(key)})"
+            for key in sorted({*old, *new})
+            if old.get(key) != new.get(key)
+        )
+        raise IndexModelMismatchError(
+            f"caption index {path} was built with other generation settings: {changed or 'another record'}; "
+            "use those, or build a new index"
+        )
 
     @property
     def model(self) -> dict[str, Any]:
@@ -433,6 +447,34 @@ class CaptionIndex:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, {_describe_model(self.model)})"
+
+
+def pictures_from_caption_rows(path: str | os.PathLike) -> Iterator[IndexedPicture]:
+    """
+    The pictures of a ``scripts/caption.py --output`` file (JSON lines with ``path`` or ``image_id``,
+    ``caption`` and, with ``--num-return-sequences``, ``captions``), one at a time. Rows of images that
+    failed (``error``) and a line cut short by a killed writer are left out. A ``path`` becomes the picture's
+    source as an absolute path (a URL stays as it is), so the index finds it again from any folder.
+    """
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if not line.endswith("\n"):
+                break
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict) or "caption" not in row:
+                continue
+            captions = row.get("captions") or [row["caption"]]
+            if "path" in row:
+                key = str(row["path"])
+                source = key if key.startswith(("http://", "https://")) else os.path.abspath(key)
+            elif "image_id" in row:
+                key, source = str(row["image_id"]), None
+            else:
+                continue
+            yield IndexedPicture(key, tuple(str(caption) for caption in captions), source)
 
 
 def _engine_version() -> str:

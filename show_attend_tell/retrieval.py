@@ -20,10 +20,15 @@ Cost and how it is kept down:
   (rows ``i * k ... i * k + k - 1`` belong to image ``i``), so one forward scores ``k`` queries against
   each image of a chunk without copying the image's features per query.
 
+At scale (a collection too large to score per query), two stages: :class:`IndexedRetriever` asks a
+:class:`~show_attend_tell.caption_index.CaptionIndex` (BM25 over every picture's n-best captions, built once
+by ``scripts/search_images.py build``) for the top candidates, and re-ranks only those by the score above.
+
 Public API: :class:`ImageGallery` (a folder, a dataset split or a list of images), :func:`encode_gallery`
 (features, cached), :func:`score_captions` (the score matrix), :class:`CaptionRetriever` (search with
-attention), :func:`plot_search_results` / :func:`save_search_figure` (the figure) and
-:func:`retrieval_recall` (Recall@K of text-to-image retrieval over a dataset split).
+attention), :class:`IndexedRetriever` (two-stage search over a caption index) and :func:`index_model_record`
+(what an index records of its model), :func:`plot_search_results` / :func:`save_search_figure` (the figure)
+and :func:`retrieval_recall` (Recall@K of text-to-image retrieval over a dataset split).
 """
 
 from __future__ import annotations
@@ -51,19 +56,25 @@ if TYPE_CHECKING:  # annotations only: matplotlib and datasets are optional
     from datasets import Dataset
     from matplotlib.figure import Figure
 
+    from .caption_index import CaptionIndex
     from .modeling_show_attend_tell import ShowAttendTellForConditionalGeneration
     from .processing_show_attend_tell import ShowAttendTellProcessor
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_CANDIDATES",
     "CaptionRetriever",
     "GalleryFeatures",
     "ImageGallery",
+    "IndexedRetriever",
     "SearchHit",
     "SearchResult",
     "encode_gallery",
+    "index_model_record",
     "plot_search_results",
+    "query_words",
+    "rank_by_likelihood",
     "retrieval_recall",
     "save_search_figure",
     "score_captions",
@@ -276,15 +287,24 @@ class GalleryFeatures:
 
 
 def _model_fingerprint(
-    model: ShowAttendTellForConditionalGeneration, processor: ShowAttendTellProcessor
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    *,
+    whole_model: bool = False,
 ) -> str:
     """
     A digest of everything the cached grid depends on: the encoder's weights and buffers (BatchNorm
     statistics included) and the image processor's resize and normalisation. The decoder is left out on
     purpose: fine-tuning only the decoder keeps the cached features valid.
+
+    With ``whole_model``, what a caption depends on: every weight of the model (the decoder too) and the
+    tokenizer's vocabulary as well (the caption index's key).
     """
     digest = hashlib.sha256(CACHE_FORMAT.encode())
-    for name, tensor in model.encoder.resnet.state_dict().items():
+    if whole_model:
+        digest.update(json.dumps(processor.tokenizer.get_vocab(), sort_keys=True).encode())
+    weights = model.state_dict() if whole_model else model.encoder.resnet.state_dict()
+    for name, tensor in weights.items():
         digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     image_processor = processor.image_processor
@@ -556,16 +576,25 @@ class SearchHit:
     image_id: str
     score: float
     attention: np.ndarray | None = None  # (len(words), num_pixels): one map per query token over this image
+    captions: tuple[str, ...] = ()  # what the caption index holds for this image (two-stage search only)
 
 
 @dataclass
 class SearchResult:
-    """A query's top images. ``words`` are the tokens scored (the query's words as the model sees them, then ``<end>``)."""
+    """
+    A query's top images. ``words`` are the tokens scored (the query's words as the model sees them, then
+    ``<end>``). ``reason`` says why there are no hits, when that is not simply an empty gallery; ``gallery``
+    holds the images that ``hit.index`` refers to when the search made one (the candidates of
+    :class:`IndexedRetriever`).
+    """
 
     query: str
     words: list[str]
     unknown_words: list[str]
     hits: list[SearchHit]
+    reason: str | None = None
+    gallery: ImageGallery | None = None
+    candidates: int | None = None  # images the caption index proposed and the model re-ranked
 
 
 class CaptionRetriever:
@@ -618,10 +647,7 @@ class CaptionRetriever:
 
     def query_words(self, query: str) -> tuple[list[str], list[str]]:
         """The query's words as the tokenizer sees them (lower case, no punctuation) and those it does not know."""
-        tokenizer = self.processor.tokenizer
-        words = tokenizer.normalize_caption(query)
-        unknown = [word for word in words if tokenizer.convert_tokens_to_ids(word) == tokenizer.unk_token_id]
-        return words, unknown
+        return query_words(self.processor, query)
 
     def search(self, query: str, top_k: int = 5, return_attention: bool = True) -> SearchResult:
         """
@@ -633,35 +659,261 @@ class CaptionRetriever:
             raise ValueError(f"the query {query!r} has no words")
         if unknown:
             logger.info("words unknown to the model (scored as <unk>): %s", ", ".join(unknown))
-        input_ids = tokenize_queries(self.processor, [query])
-        scores = score_captions(self.model, self.features, input_ids, batch_size=self.batch_size)[:, 0]
-        top_k = max(0, min(top_k, len(self.features)))
-        best = torch.argsort(scores, descending=True, stable=True)[:top_k].tolist()
-        hits = [
-            SearchHit(
-                rank=rank,
-                index=self.features.indices[position],
-                image_id=self.features.ids[position],
-                score=float(scores[position]),
-            )
-            for rank, position in enumerate(best, start=1)
-        ]
-        tokens = [*(self.processor.tokenizer.convert_ids_to_tokens(input_ids[0, 1:-1].tolist())), "<end>"]
-        if return_attention and hits:
-            # One more forward over just the winners, with attention: cheaper than keeping the
-            # attention of every image while scoring the whole gallery.
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                with torch.inference_mode():
-                    features = torch.cat([self.features.features(self.model, p, p + 1) for p in best])
-                    rows = input_ids.to(self.model.device).repeat(len(best), 1)
-                    _, attention = _query_log_likelihood(self.model, features, rows, output_attentions=True)
-            finally:
-                self.model.train(was_training)
-            for hit, maps in zip(hits, attention.float().cpu().numpy(), strict=True):
-                hit.attention = maps
+        hits, tokens = rank_by_likelihood(
+            self.model,
+            self.processor,
+            self.features,
+            query,
+            top_k=top_k,
+            return_attention=return_attention,
+            batch_size=self.batch_size,
+        )
         return SearchResult(query=query, words=tokens, unknown_words=unknown, hits=hits)
+
+
+def query_words(processor: ShowAttendTellProcessor, query: str) -> tuple[list[str], list[str]]:
+    """The query's words as the tokenizer sees them (lower case, no punctuation) and those it does not know."""
+    tokenizer = processor.tokenizer
+    words = tokenizer.normalize_caption(query)
+    unknown = [word for word in words if tokenizer.convert_tokens_to_ids(word) == tokenizer.unk_token_id]
+    return words, unknown
+
+
+def rank_by_likelihood(
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    features: GalleryFeatures,
+    query: str,
+    *,
+    top_k: int = 5,
+    return_attention: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[list[SearchHit], list[str]]:
+    """
+    The ``top_k`` images of ``features`` that best fit ``query`` as their caption (:func:`score_captions`),
+    best first, each with the query's attention over it when ``return_attention`` is set; and the tokens
+    scored (the query's words, then ``<end>``). Both retrievers rank with this.
+    """
+    input_ids = tokenize_queries(processor, [query])
+    scores = score_captions(model, features, input_ids, batch_size=batch_size)[:, 0]
+    top_k = max(0, min(top_k, len(features)))
+    best = torch.argsort(scores, descending=True, stable=True)[:top_k].tolist()
+    hits = [
+        SearchHit(
+            rank=rank,
+            index=features.indices[position],
+            image_id=features.ids[position],
+            score=float(scores[position]),
+        )
+        for rank, position in enumerate(best, start=1)
+    ]
+    tokens = [*(processor.tokenizer.convert_ids_to_tokens(input_ids[0, 1:-1].tolist())), "<end>"]
+    if return_attention and hits:
+        # One more forward over just the winners, with attention: cheaper than keeping the
+        # attention of every image while scoring the whole gallery.
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                winners = torch.cat([features.features(model, p, p + 1) for p in best])
+                rows = input_ids.to(model.device).repeat(len(best), 1)
+                _, attention = _query_log_likelihood(model, winners, rows, output_attentions=True)
+        finally:
+            model.train(was_training)
+        for hit, maps in zip(hits, attention.float().cpu().numpy(), strict=True):
+            hit.attention = maps
+    return hits, tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Two-stage search over a caption index
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_CANDIDATES = 100  # pictures the caption index proposes per query, re-ranked by the model
+
+
+def index_model_record(
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    *,
+    num_beams: int | None = None,
+    num_return_sequences: int = 1,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """
+    What a caption index records about the model that captioned its pictures: a fingerprint of every weight
+    and of the vocabulary, and the generation settings (``None`` resolved from the model's generation config).
+    """
+    config = model.generation_config
+    generation = {
+        "num_beams": int(num_beams or config.num_beams or 1),
+        "num_return_sequences": int(num_return_sequences),
+        "max_new_tokens": max_new_tokens or config.max_new_tokens,
+        "max_length": None if max_new_tokens else config.max_length,
+        "length_penalty": config.length_penalty,  # None: generate()'s default
+    }
+    return {"fingerprint": _model_fingerprint(model, processor, whole_model=True), "generation": generation}
+
+
+class IndexedRetriever:
+    """
+    Text-to-image search over a collection too large to score exhaustively: a :class:`CaptionIndex` built
+    from the model's own captions proposes ``candidates`` pictures in milliseconds, and the model re-ranks
+    them by the caption likelihood of the query (:func:`rank_by_likelihood`, as :class:`CaptionRetriever`
+    ranks a whole gallery), with attention.
+
+    The candidates' encoder features come from ``features`` when given (a gallery's cached
+    :func:`encode_gallery` result; no encoder runs), else the encoder runs on them, reading each picture from
+    ``gallery`` (by id) or from the path the index recorded.
+
+    Example:
+
+    ```python
+    >>> retriever = IndexedRetriever(model, processor, "photos.index")
+    >>> result = retriever.search("a dog running on the beach", top_k=5)
+    >>> save_search_figure("search.png", result)
+    ```
+
+    Raises:
+        CaptionIndexError: no index at the path, or a damaged one (one-line message).
+        IndexModelMismatchError: the index was built with another model.
+    """
+
+    def __init__(
+        self,
+        model: ShowAttendTellForConditionalGeneration,
+        processor: ShowAttendTellProcessor,
+        index: CaptionIndex | str | os.PathLike,
+        *,
+        gallery: ImageGallery | None = None,
+        features: GalleryFeatures | None = None,
+        candidates: int = DEFAULT_CANDIDATES,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        encode_batch_size: int = DEFAULT_ENCODE_BATCH_SIZE,
+    ) -> None:
+        from .caption_index import CaptionIndex, IndexModelMismatchError
+
+        if candidates < 1:
+            raise ValueError(f"candidates must be at least 1, got {candidates}")
+        self.index = index if isinstance(index, CaptionIndex) else CaptionIndex.open(index)
+        fingerprint = _model_fingerprint(model, processor, whole_model=True)
+        if self.index.model.get("fingerprint") != fingerprint:
+            raise IndexModelMismatchError(
+                f"caption index {self.index.path} was built with model {str(self.index.model.get('fingerprint'))[:12]}, "
+                f"not with this one ({fingerprint[:12]}): search it with that model, or build a new index"
+            )
+        self.model = model
+        self.processor = processor
+        self.gallery = gallery
+        self.features = features
+        self.candidates = candidates
+        self.batch_size = batch_size
+        self.encode_batch_size = encode_batch_size
+        self._gallery_positions = {image_id: i for i, image_id in enumerate(gallery.ids)} if gallery else {}
+        self._feature_rows = {image_id: i for i, image_id in enumerate(features.ids)} if features else {}
+
+    def _loader(self, image_id: str, source: str | None) -> Callable[[], Image.Image]:
+        position = self._gallery_positions.get(image_id)
+        if position is not None:
+            return lambda: self.gallery.load(position)
+        if source is not None:
+            return lambda: load_image(source, name=image_id)
+
+        def missing() -> Image.Image:
+            raise ValueError(f"{image_id}: the index does not record where this picture is; pass its gallery")
+
+        return missing
+
+    def _candidate_features(self, found: Sequence[Any]) -> tuple[GalleryFeatures | None, ImageGallery]:
+        """The candidates' features (cached rows first, encoder for the rest) and a gallery to show them."""
+        loaders = [self._loader(hit.image_id, hit.source) for hit in found]
+        candidates = ImageGallery(
+            [hit.image_id for hit in found],
+            lambda i: loaders[i](),
+            lambda: "",  # never cached: a candidate set is one query's
+            name=f"{len(found)} candidates",
+        )
+        cached = [i for i, hit in enumerate(found) if hit.image_id in self._feature_rows]
+        missing = [i for i, hit in enumerate(found) if hit.image_id not in self._feature_rows]
+        positions: list[int] = []
+        grids: list[torch.Tensor] = []
+        skipped: dict[str, str] = {}
+        if cached:
+            rows = torch.tensor([self._feature_rows[found[i].image_id] for i in cached])
+            grids.append(self.features.grid[rows])
+            positions.extend(cached)
+        if missing:
+            subset = ImageGallery(
+                [found[i].image_id for i in missing],
+                lambda j: loaders[missing[j]](),
+                lambda: "",
+                name="candidates",
+            )
+            try:
+                encoded = encode_gallery(
+                    self.model, self.processor, subset, batch_size=self.encode_batch_size, use_cache=False
+                )
+            except ValueError:  # none of them could be read; each was logged
+                encoded = None
+                skipped.update({found[i].image_id: "unreadable" for i in missing})
+            if encoded is not None:
+                grids.append(encoded.grid)
+                positions.extend(missing[j] for j in encoded.indices)
+                skipped.update(encoded.skipped)
+        if not grids:
+            return None, candidates
+        features = GalleryFeatures(
+            ids=[found[i].image_id for i in positions],
+            indices=positions,
+            grid=torch.cat(grids),
+            skipped=skipped,
+        )
+        return features, candidates
+
+    def search(
+        self, query: str, top_k: int = 5, return_attention: bool = True, candidates: int | None = None
+    ) -> SearchResult:
+        """
+        The ``top_k`` pictures that best fit ``query`` as their caption, among the index's ``candidates``
+        (default: the retriever's) best matches, best first, with the query's attention over each. A query
+        that cannot match anything (no words, only unknown or common words, nothing indexed shares a word)
+        gives no hits and a ``reason``; it never raises for its text.
+        """
+        from .caption_index import query_terms
+
+        words, unknown = query_words(self.processor, query)
+        tokens = [*words, "<end>"]
+
+        def empty(reason: str, proposed: int | None = None) -> SearchResult:
+            return SearchResult(query, tokens, unknown, [], reason=reason, candidates=proposed)
+
+        if not words:
+            return empty("the query has no words")
+        if len(unknown) == len(words):
+            return empty(f"no word of the query is known to the model ({', '.join(unknown)})")
+        if not query_terms(query):
+            return empty(
+                "the query has only common words (such as 'a', 'the', 'of'); add one that describes the picture"
+            )
+        limit = max(candidates or self.candidates, top_k)
+        found = self.index.search(query, limit=limit)
+        if not found:
+            return empty("no indexed caption shares a word with the query", 0)
+        features, gallery = self._candidate_features(found)
+        if features is None:
+            return empty(f"none of the {len(found)} candidate pictures could be read", len(found))
+        hits, tokens = rank_by_likelihood(
+            self.model,
+            self.processor,
+            features,
+            query,
+            top_k=top_k,
+            return_attention=return_attention,
+            batch_size=self.batch_size,
+        )
+        for hit in hits:
+            hit.captions = found[hit.index].captions
+        return SearchResult(query, tokens, unknown, hits, gallery=gallery, candidates=len(found))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -671,7 +923,7 @@ class CaptionRetriever:
 
 def plot_search_results(
     result: SearchResult,
-    gallery: ImageGallery,
+    gallery: ImageGallery | None = None,
     *,
     panel_size: float = 1.6,
     alpha: float = 0.6,
@@ -686,7 +938,11 @@ def plot_search_results(
 
     The images are shown resized to the processor's square, as in
     :func:`show_attend_tell.visualization.plot_attention`, so each map lies exactly over what it refers to.
+    ``gallery`` defaults to the result's own (the candidates of an :class:`IndexedRetriever` search).
     """
+    gallery = gallery if gallery is not None else result.gallery
+    if gallery is None and result.hits:
+        raise ValueError("the result holds no gallery: pass the gallery that was searched")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -710,7 +966,7 @@ def plot_search_results(
     )
     if not result.hits:
         ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no images", ha="center", va="center")
+        ax.text(0.5, 0.5, result.reason or "no images", ha="center", va="center", wrap=True)
         ax.set_axis_off()
         return fig
     for row, hit in enumerate(result.hits):
@@ -735,7 +991,7 @@ def plot_search_results(
 
 
 def save_search_figure(
-    path: str | os.PathLike, result: SearchResult, gallery: ImageGallery, **kwargs: Any
+    path: str | os.PathLike, result: SearchResult, gallery: ImageGallery | None = None, **kwargs: Any
 ) -> Path:
     """Draws :func:`plot_search_results` (same keyword arguments) and writes it as a PNG; returns the path."""
     path = Path(path)

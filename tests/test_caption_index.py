@@ -85,13 +85,19 @@ def test_add_replaces_remove_deletes_and_both_survive_reopening(index, tmp_path)
 
 
 def test_a_different_model_or_setting_is_refused_in_one_line(index, tmp_path):
-    for other in (
-        {**MODEL, "fingerprint": "fedcba9876543210"},
-        {**MODEL, "generation": {"num_beams": 5, "num_return_sequences": 3}},
+    for other, expected in (
+        (
+            {**MODEL, "fingerprint": "fedcba9876543210"},
+            "another model (weights 0123456789ab, not fedcba987654)",
+        ),
+        (
+            {**MODEL, "generation": {"num_beams": 5, "num_return_sequences": 3}},
+            "other generation settings: num_beams=3 (not 5);",
+        ),
     ):
         with pytest.raises(IndexModelMismatchError) as error:
             CaptionIndex.open(tmp_path / "index", other)
-        assert "\n" not in str(error.value) and "built with model 0123456789ab" in str(error.value)
+        assert "\n" not in str(error.value) and expected in str(error.value)
         with pytest.raises(IndexModelMismatchError):
             CaptionIndex.create(tmp_path / "index", other, exist_ok=True)
     assert len(CaptionIndex.create(tmp_path / "index", MODEL, exist_ok=True)) == 4

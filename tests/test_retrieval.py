@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from serve_tiny_model import NUM_TEST, save_example_images, save_tiny_model, trained_tiny_captioner
 
@@ -233,3 +235,217 @@ def test_search_images_script(tiny, gallery_folder, tmp_path):
     )
     assert bad.returncode == 2
     assert "missing: not a folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Two-stage search over a caption index
+# --------------------------------------------------------------------------------------------------
+
+
+def search_images_script():
+    """scripts/search_images.py as a module, so that its build runs in this process (no second torch import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "search_images_script", REPO / "scripts" / "search_images.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="module", params=[1, 3, 5], ids=lambda beams: f"beams{beams}")
+def built_index(request, model_folder, gallery_folder, tmp_path_factory) -> tuple[Path, int]:
+    """The gallery's caption index, built by `search_images.py build` with `beams` captions per picture."""
+    beams = request.param
+    index = tmp_path_factory.mktemp("index") / "gallery.index"
+    argv = ["build", "--model", str(model_folder), "--index", str(index), str(gallery_folder)]
+    argv += [
+        "--num-beams",
+        str(beams),
+        "--num-return-sequences",
+        str(beams),
+        "--no-progress",
+        "--batch-size",
+        "5",
+    ]
+    assert search_images_script().main(argv) == 0
+    return index, beams
+
+
+def test_build_indexes_every_picture_with_its_n_best_captions(tiny, built_index, gallery_folder):
+    from show_attend_tell.caption_index import CaptionIndex
+    from show_attend_tell.retrieval import index_model_record
+
+    path, beams = built_index
+    record = index_model_record(tiny.model, tiny.processor, num_beams=beams, num_return_sequences=beams)
+    index = CaptionIndex.open(path, record)  # the saved and reloaded model has the trained one's fingerprint
+    pictures = {picture.image_id: picture for picture in index.pictures()}
+    assert {Path(key).name for key in pictures} == {p.name for p in gallery_folder.glob("*.png")}
+    for picture in pictures.values():
+        assert len(picture.captions) == beams and Path(picture.source).is_file()
+        # The best caption is the model's own beam-search caption of the picture.
+        with Image.open(picture.source) as image:
+            pixel_values = tiny.processor(images=image.convert("RGB"))["pixel_values"]
+        best = tiny.model.generate(pixel_values=pixel_values, num_beams=beams)
+        assert picture.captions[0] == tiny.processor.batch_decode(best, skip_special_tokens=True)[0]
+    assert not (path / "pending.jsonl").exists()
+
+
+def test_two_stage_scores_are_the_exhaustive_scores_of_the_candidates(
+    tiny, built_index, gallery_folder, tmp_path
+):
+    from show_attend_tell.retrieval import IndexedRetriever
+
+    path, _ = built_index
+    gallery = ImageGallery.from_folder(gallery_folder)
+    exhaustive = CaptionRetriever(tiny.model, tiny.processor, gallery, cache_dir=tmp_path)
+    by_name = {
+        Path(image_id).name: score
+        for image_id, score in zip(gallery.ids, exhaustive.score(QUERIES).T, strict=True)
+    }
+    two_stage = IndexedRetriever(tiny.model, tiny.processor, path, candidates=len(gallery))
+    for column, query in enumerate(QUERIES):
+        result = two_stage.search(query, top_k=4)
+        assert (
+            result.reason is None
+            and result.candidates is not None
+            and len(result.hits) == min(4, result.candidates)
+        )
+        scores = [hit.score for hit in result.hits]
+        assert scores == sorted(scores, reverse=True)
+        for hit in result.hits:
+            # The encoder ran on the candidates: the same score as the exhaustive search's for that picture.
+            assert hit.score == pytest.approx(float(by_name[Path(hit.image_id).name][column]), abs=1e-5)
+            assert hit.attention.shape == (len(result.words), tiny.model.config.num_pixels)
+            assert hit.captions and result.gallery.ids[hit.index] == hit.image_id
+        if result.candidates == len(gallery):  # every picture proposed: the exhaustive ranking exactly
+            assert [Path(hit.image_id).name for hit in result.hits] == [
+                Path(gallery.ids[i]).name for i in exhaustive.score([query])[0].argsort(descending=True)[:4]
+            ]
+    figure = save_search_figure(tmp_path / "two-stage.png", result)
+    with Image.open(figure) as png:
+        assert png.width > png.height > 200
+
+
+def test_two_stage_uses_cached_features_without_the_encoder(
+    tiny, built_index, gallery_folder, tmp_path, monkeypatch
+):
+    from show_attend_tell.retrieval import IndexedRetriever
+
+    path, _ = built_index
+    # The index keys are paths as given to build; a gallery of the same folder names them relative to it.
+    index_ids = sorted(
+        picture.image_id for picture in IndexedRetriever(tiny.model, tiny.processor, path).index.pictures()
+    )
+    gallery = ImageGallery(
+        index_ids, lambda i: Image.open(index_ids[i]).convert("RGB"), lambda: "same", name="by index ids"
+    )
+    features = encode_gallery(tiny.model, tiny.processor, gallery, use_cache=False)
+    plain = IndexedRetriever(tiny.model, tiny.processor, path).search(QUERIES[1], top_k=3)
+    monkeypatch.setattr(tiny.model.encoder, "encode_grid", lambda *a, **k: pytest.fail("encoder called"))
+    cached = IndexedRetriever(tiny.model, tiny.processor, path, gallery=gallery, features=features)
+    result = cached.search(QUERIES[1], top_k=3)
+    assert [(h.image_id, round(h.score, 5)) for h in result.hits] == [
+        (h.image_id, round(h.score, 5)) for h in plain.hits
+    ]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    text=st.one_of(
+        st.text(max_size=200),
+        st.lists(
+            st.sampled_from(
+                ['"', "*", "-", ":", "NEAR", "AND", "OR", "NOT", "(", ")", "red", "circle", "the", "zebra"]
+            ),
+            max_size=12,
+        ).map(" ".join),
+    )
+)
+def test_any_query_text_gives_hits_or_a_reason(tiny, built_index, text):
+    from show_attend_tell.retrieval import IndexedRetriever
+
+    retriever = IndexedRetriever(tiny.model, tiny.processor, built_index[0])
+    result = retriever.search(text, top_k=3, return_attention=False)
+    assert bool(result.hits) != bool(result.reason), (text, result.reason)
+    assert len(result.hits) <= 3
+
+
+def test_two_stage_refuses_another_model_and_reports_bad_indexes(tiny, built_index, tmp_path):
+    from show_attend_tell.caption_index import CaptionIndexError, IndexModelMismatchError
+    from show_attend_tell.retrieval import IndexedRetriever
+
+    other = type(tiny.model)(tiny.model.config).eval()
+    with pytest.raises(IndexModelMismatchError, match="was built with model") as error:
+        IndexedRetriever(other, tiny.processor, built_index[0])
+    assert "\n" not in str(error.value)
+    with pytest.raises(CaptionIndexError, match="no caption index"):
+        IndexedRetriever(tiny.model, tiny.processor, tmp_path / "nothing-here")
+    empty = IndexedRetriever(tiny.model, tiny.processor, built_index[0]).search("a the of", top_k=3)
+    assert empty.hits == [] and "only common words" in empty.reason
+    assert "zebra" in IndexedRetriever(tiny.model, tiny.processor, built_index[0]).search("zebra").reason
+
+
+def test_search_images_index_commands(model_folder, gallery_folder, tmp_path):
+    """The user's commands end to end, in subprocesses: build, search, add, remove, bad index paths."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = [sys.executable, str(REPO / "scripts" / "search_images.py")]
+    index = tmp_path / "photos.index"
+    few = [str(path) for path in sorted(gallery_folder.glob("*.png"))[:4]]  # then the whole folder
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*script, *argv], capture_output=True, text=True, timeout=300, env=env)
+
+    common = [
+        "--model",
+        str(model_folder),
+        "--index",
+        str(index),
+        "--num-beams",
+        "3",
+        "--num-return-sequences",
+        "2",
+    ]
+    built = run("build", *common, *few, "--no-progress")
+    assert built.returncode == 0, built.stderr
+    assert "4 pictures indexed, 4 in" in built.stderr
+    added = run("add", *common, str(gallery_folder), "--no-progress")  # 4 already there, 8 new
+    assert added.returncode == 0, added.stderr
+    assert "4 pictures already indexed" in added.stderr and "8 pictures indexed, 12 in" in added.stderr
+
+    found = run(
+        "--model",
+        str(model_folder),
+        "--index",
+        str(index),
+        "--json",
+        "--top-k",
+        "3",
+        "a large green star",
+        "the",
+    )
+    assert found.returncode == 0, found.stderr
+    star, the = json.loads(found.stdout)
+    assert [hit["rank"] for hit in star["hits"]] == [1, 2, 3] and all(
+        len(hit["captions"]) == 2 for hit in star["hits"]
+    )
+    assert the["hits"] == [] and "only common words" in the["reason"]
+
+    removed = run("remove", "--index", str(index), star["hits"][0]["image"])
+    assert removed.returncode == 0 and "1 of 1 pictures removed, 11 left" in removed.stderr
+
+    refused = run("add", "--model", str(model_folder), "--index", str(index), *few, "--num-beams", "5")
+    assert refused.returncode == 2 and "other generation settings: num_beams=3 (not 5)" in refused.stderr
+    (tmp_path / "damaged.index").mkdir()
+    (tmp_path / "damaged.index" / "index.json").write_text("{")
+    for bad in (tmp_path / "missing.index", tmp_path / "damaged.index"):
+        answer = run("--model", str(model_folder), "--index", str(bad), "a star")
+        assert answer.returncode == 2 and "Traceback" not in answer.stderr, answer.stderr
+        assert len(answer.stderr.strip().splitlines()) == 1
