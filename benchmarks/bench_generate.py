@@ -267,7 +267,8 @@ class Captioner:
         batches = [pixels.contiguous(memory_format=layout) for pixels in batches]
         with torch.inference_mode(), precision(dtype, self.device):
             stream = ((pixels, None) for pixels in batches)
-            return [ids for _, ids in generate_overlapped(model, stream, **self.generate_kwargs)]
+            overlapped = generate_overlapped(model, stream, overlap_streams=True, **self.generate_kwargs)
+            return [ids for _, ids in overlapped]
 
     def ours_decoder(self, features: torch.Tensor, dtype: str, **kwargs) -> torch.Tensor:
         with torch.inference_mode(), precision(dtype, self.device):

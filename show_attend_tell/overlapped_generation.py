@@ -8,7 +8,9 @@ second CUDA stream, the next batch's copy to the device and its encoder pass fil
 collection is captioned at close to the encoder's own speed instead of at the sum of the two.
 
 The decoding is `generate()`'s, unchanged: each batch gets the ids of `model.generate(pixel_values=...)`
-(tested). On a CPU, or any device without CUDA streams, the same calls run one after the other.
+(tested). The streams are off by default (`overlap_streams=False`) until a GPU run measures what they buy
+(`benchmarks/bench_generate.py --overlap-batches N` on a GPU); without them, and on a CPU or any device
+without CUDA streams, the same calls run one after the other.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ class _CudaStreams:
         _used_on(output, self.caller)
 
 
-def _streams_for(device: torch.device) -> _InOrder | _CudaStreams:
-    return _CudaStreams(device) if device.type == "cuda" else _InOrder()
+def _streams_for(device: torch.device, overlap_streams: bool) -> _InOrder | _CudaStreams:
+    return _CudaStreams(device) if overlap_streams and device.type == "cuda" else _InOrder()
 
 
 def _checked(item: Any) -> tuple[torch.Tensor | None, Any]:
@@ -120,6 +122,8 @@ def _checked(item: Any) -> tuple[torch.Tensor | None, Any]:
 def generate_overlapped(
     model: Any,
     batches: Iterable[tuple[torch.Tensor | None, Payload]],
+    *,
+    overlap_streams: bool = False,
     **generate_kwargs: Any,
 ) -> Iterator[tuple[Payload, Any]]:
     """
@@ -131,6 +135,8 @@ def generate_overlapped(
         batches: `(pixel_values, payload)` pairs. `pixel_values` of shape `(images, 3, height, width)` on any
             device (pinned CPU memory makes the copy asynchronous), or None for a batch with nothing to
             caption. The payload is handed back untouched with the batch's result.
+        overlap_streams: on a CUDA device, run the encoder passes and the decoding on streams of their own
+            (off by default: not yet measured on a GPU).
         generate_kwargs: passed to every `generate()` call.
 
     Yields:
@@ -139,7 +145,7 @@ def generate_overlapped(
 
     The next batch is read and encoded before this one is decoded, so at most two batches' features are held
     at a time. Call it under the autocast and `torch.inference_mode()` you would call `generate()` under; they
-    apply to the encoder passes as well. On a CUDA device the encoder passes run on a second stream, and
+    apply to the encoder passes as well. With `overlap_streams` on a CUDA device the encoder passes run on a second stream, and
     decoding on a third one with a higher priority, so that the decoder's small kernels go ahead of the
     convolutions waiting for the device; the outputs are ready for use on the caller's stream.
     """
@@ -150,7 +156,7 @@ def generate_overlapped(
         for name in ("output_attentions", "output_hidden_states")
     }
     encoder = model.get_encoder()
-    streams = _streams_for(device)
+    streams = _streams_for(device, overlap_streams)
 
     def encode(pixel_values: torch.Tensor | None) -> tuple[BaseModelOutput, Any] | None:
         if pixel_values is None:

@@ -161,7 +161,8 @@ def test_overlapped_generation_on_the_gpu(model_pair, monkeypatch, bf16):
         expected = [gpu_model.generate(pixel_values=pixels.cuda(), **kwargs) for pixels in batches]
         monkeypatch.setattr(gpu_model.encoder, "forward", record("encoder", encoder_forward))
         monkeypatch.setattr(gpu_model, "generate", record("generate", generate_))
-        results = list(generate_overlapped(gpu_model, ((p, i) for i, p in enumerate(batches)), **kwargs))
+        stream = ((p, i) for i, p in enumerate(batches))
+        results = list(generate_overlapped(gpu_model, stream, overlap_streams=True, **kwargs))
     for (index, ids), want in zip(results, expected, strict=True):
         assert ids.device.type == "cuda"
         assert torch.equal(ids, want), f"batch {index}"

@@ -104,7 +104,7 @@ def test_each_decoding_waits_for_its_own_batchs_encoding_only(tiny_model, monkey
         def decoded(self, output):
             log.append(("caller waits", output.shape[0]))
 
-    monkeypatch.setattr(overlapped_generation, "_streams_for", lambda device: RecordingStreams())
+    monkeypatch.setattr(overlapped_generation, "_streams_for", lambda device, overlap: RecordingStreams())
     batches = image_batches([2, 1, 3])
     with torch.inference_mode():
         results = list(generate_overlapped(tiny_model, [(p, i) for i, p in enumerate(batches)], **GENERATE))
