@@ -565,7 +565,7 @@ def _encoder_name(config: Any) -> str:
 
         return resnet_architecture_name(config).replace("resnet", "ResNet-")
     except ValueError:
-        return f"ResNet, depths {list(encoder.depths)}, widths {list(encoder.hidden_sizes)}"
+        return f"ResNet (depths {list(encoder.depths)}, widths {list(encoder.hidden_sizes)})"
 
 
 def _image_size_text(image_size: Mapping[str, int] | None) -> str:
@@ -596,7 +596,7 @@ def _checkpoint_details(
         ("Vocabulary", f"{config.vocab_size} words (special tokens included)"),
     ]
     if num_parameters is not None:
-        rows.append(("Parameters", f"{num_parameters / 1e6:.1f} M"))
+        rows.append(("Parameters", f"{num_parameters:,} ({num_parameters / 1e6:.1f} M)"))
     if generation:
         rows.append(
             (
@@ -697,7 +697,7 @@ def _training_section(
         ("Dropout", config.dropout),
         (
             "Loss",
-            f"cross-entropy + doubly-stochastic attention regularisation, alpha_c = {args.get('alpha_c')}",
+            f"cross-entropy + doubly-stochastic attention regularisation, alpha_c = {config.alpha_c}",
         ),
         (
             "Optimiser",

@@ -119,7 +119,7 @@ TRAINING_ARGS = {  # training_args.json as scripts/train.py writes it, with valu
     "gradient_accumulation_steps": 1,
     "decoder_lr": 0.003,
     "encoder_lr": 0.0001,
-    "alpha_c": 0.5,
+    "alpha_c": 1.0,  # also in the config, where the card reads it
     "grad_clip": 5.0,
     "mixed_precision": "no",
     "seed": 7,
@@ -158,7 +158,7 @@ def test_the_card_describes_the_checkpoint_it_ships_with(tmp_path, model_dir, ti
         f"({config.vocab_size} entries",
         "| Model size preset | tiny |",
         "randomly initialised, frozen",
-        "alpha_c = 0.5",
+        f"alpha_c = {config.alpha_c}",
         "decoder learning rate 0.003",
         "| Batch size | 8 |",
         "| Epochs | 2 |",
@@ -267,7 +267,7 @@ def test_card_with_results_has_a_model_index_and_a_results_table():
     assert "| This model (Flickr30K test) | beam 3 | 64.00 | 43.00 | 29.00 | 19.50 | 18.00 | 42.00 |" in text
     assert "| 66.7 | 43.4 | 28.8 | 19.1 | 18.49 | – |" in text
     assert "![Where the model looked for each word of its caption](attention_example.png)" in text
-    assert "| Vocabulary | 40 words" in text and "ResNet, depths [1, 1, 1, 1]" in text
+    assert "| Vocabulary | 40 words" in text and "ResNet (depths [1, 1, 1, 1]" in text
     assert 'model="someone/sat-flickr30k"' in text and hub.REPO_ID_PLACEHOLDER not in text
 
 
