@@ -443,6 +443,11 @@ def set_decoding_options(
 # --------------------------------------------------------------------------------------------------
 
 
+#: How the evaluation script's reports named their tokenisation before it always used the official one: the
+#: Java PTB tokeniser when METEOR ran, else the Python imitation.
+_LEGACY_TOKENIZATION = "coco-caption PTB (Java with METEOR, else the pure-Python equivalent)"
+
+
 def _metric_key(name: str) -> str | None:
     key = re.sub(r"[^a-z0-9]", "", name.lower())
     key = {"rouge": "rougel", "ciderd": "cider"}.get(key, key)
@@ -519,6 +524,11 @@ def normalize_eval_results(raw: Mapping[str, Any]) -> dict[str, Any]:
             result["metrics"] = {k: v * 100.0 for k, v in result["metrics"].items()}
     for result in results:
         result["metrics"] = {k: round(v, 2) for k, v in result["metrics"].items()}
+    if _LEGACY_TOKENIZATION in str(settings.get("tokenization", "")) and not any(
+        "METEOR" in result["metrics"] for result in results
+    ):
+        # A report from before every score used the official tokenisation: without METEOR it was tokenised in Python.
+        tokenization = "approximate"
     return {"dataset": dataset, "split": split, "tokenization": tokenization, "results": results}
 
 

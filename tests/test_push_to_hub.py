@@ -233,6 +233,15 @@ def test_evaluation_results_in_several_shapes_normalise_to_percent(raw):
     }
 
 
+def test_reports_written_before_the_official_tokenisation_keep_what_they_were():
+    legacy = {"tokenization": "coco-caption PTB (Java with METEOR, else the pure-Python equivalent)"}
+    with_meteor = {**EVALUATE_REPORT, "settings": legacy}  # METEOR ran: so did the Java tokeniser
+    assert hub.normalize_eval_results(with_meteor)["tokenization"] == "ptb"
+    without_meteor = {**with_meteor, "results": {"beam_3": {"Bleu_4": 0.19, "CIDEr": 0.4}}}
+    assert hub.normalize_eval_results(without_meteor)["tokenization"] == "approximate"
+    assert hub.normalize_eval_results(EVALUATE_REPORT)["tokenization"] == "ptb"
+
+
 def test_flat_results_in_percent_stay_as_they_are_and_junk_is_refused():
     results = hub.normalize_eval_results({"bleu-4": 19.1, "meteor": 18.49, "num_beams": 5, "loss": 2.3})
     assert results["results"] == [{"num_beams": 5, "metrics": {"BLEU-4": 19.1, "METEOR": 18.49}}]
