@@ -62,7 +62,7 @@ from show_attend_tell import (
     ShowAttendTellTokenizer,
 )
 from show_attend_tell.data import DatasetDownloadError, load_caption_dataset
-from show_attend_tell.saving import save_model_folder
+from show_attend_tell.saving import recover_directory, save_model_folder
 from show_attend_tell.training import (
     MODEL_SIZES,
     CaptionBatchCollator,
@@ -444,6 +444,8 @@ def train(args: argparse.Namespace) -> int:
             shutil.rmtree(checkpoints_dir)  # old checkpoints would mix with this run's under "latest"
         if remove_stale_temporaries(checkpoints_dir):
             log(accelerator, "removed the unfinished checkpoint folder of a run that was killed while saving")
+        if recover_directory(model_dir):
+            log(accelerator, f"put back {model_dir}: a run was killed while replacing it")
 
     on_main_process(accelerator, f"write to --output-dir {output_dir}", prepare_output_dir)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 from transformers import PreTrainedModel, ProcessorMixin
@@ -55,17 +59,66 @@ def save_model_folder(
     return output_dir
 
 
-def replace_directory(new: Path, target: Path, retired: Path | None = None) -> None:
+# renameat2's flag (Linux 3.15+: ext4, xfs, btrfs, tmpfs, overlayfs...) and renamex_np's (macOS), both 2.
+_RENAME_EXCHANGE = 2
+# What the call or the file system answers when it cannot exchange: fall back to two renames.
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
     """
-    Moves folder `new` to `target`; an existing `target` is first moved aside (to `retired`, or a hidden
-    temporary name next to it) and deleted only once `new` is in place.
+    Swaps two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`, macOS
+    `renamex_np(RENAME_SWAP)`): a process killed at any moment leaves each name holding one of the two
+    folders. Returns False where the system or the file system cannot (Windows, NFS, an old kernel or libc).
     """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "renameat2", None)
+        if call is None:  # glibc before 2.28, musl
+            return False
+        call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        here = -100  # AT_FDCWD: paths relative to the working directory
+        result = call(here, os.fsencode(first), here, os.fsencode(second), _RENAME_EXCHANGE)
+    elif sys.platform == "darwin":
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = getattr(libc, "renamex_np", None)
+        if call is None:
+            return False
+        call.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        result = call(os.fsencode(first), os.fsencode(second), _RENAME_EXCHANGE)
+    else:
+        return False
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NO_EXCHANGE:
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(first), None, os.fspath(second))
+
+
+def _is_leftover_of(child: Path, target: Path) -> bool:
+    """A folder a replacement of `target` set aside (`.NAME.old-*`) or was filling (`.NAME.tmp-*`)."""
+    return child.name.startswith((f".{target.name}.old-", f".{target.name}.tmp-"))
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """
+    Puts folder `new` in the place of `target` so that `target` always names a complete folder, the old or
+    the new one, whenever the process is killed: the two are exchanged atomically where the system can
+    (`exchange_paths`), and the old one is deleted afterwards.
+
+    Elsewhere `target` is renamed aside to `.NAME.old-*` first: a kill between that rename and the next
+    leaves no `target` until `recover_directory` (run by the next start of the training script) puts the
+    old folder back. A failure of the second rename puts it back at once.
+    """
+    new, target = Path(new), Path(target)
     if not target.exists():
         os.replace(new, target)
         return
-    if retired is None:
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rmdir(retired)
+    if exchange_paths(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # now the old folder
+        return
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     os.replace(target, retired)
     try:
         os.replace(new, target)
@@ -73,3 +126,27 @@ def replace_directory(new: Path, target: Path, retired: Path | None = None) -> N
         os.replace(retired, target)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def recover_directory(target: str | os.PathLike) -> bool:
+    """
+    Tidies what a replacement of `target` killed half-way left behind: when `target` is missing and an old
+    version was set aside (the kill came between `replace_directory`'s two renames), the newest one is put
+    back; then the leftover `.NAME.old-*` and `.NAME.tmp-*` folders next to it are deleted. Call it only while
+    nothing else is writing `target`. Returns whether `target` was put back.
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return False
+    leftovers = [child for child in target.parent.iterdir() if _is_leftover_of(child, target)]
+    restored = False
+    if not target.exists():
+        retired = [child for child in leftovers if child.name.startswith(f".{target.name}.old-")]
+        if retired:
+            newest = max(retired, key=lambda child: child.stat().st_ctime)  # a rename updates ctime
+            os.replace(newest, target)
+            leftovers.remove(newest)
+            restored = True
+    for child in leftovers:
+        shutil.rmtree(child, ignore_errors=True)
+    return restored

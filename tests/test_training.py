@@ -44,6 +44,7 @@ from show_attend_tell.training import (
     FeatureCache,
     check_training_rows,
     list_checkpoints,
+    remove_stale_temporaries,
     resolve_checkpoint,
     write_checkpoint,
 )
@@ -528,6 +529,112 @@ def test_disk_full_anywhere_is_one_line_and_keeps_the_checkpoints(
         p for folder in (output, output / "checkpoints") for p in folder.iterdir() if p.name.startswith(".")
     ]
     assert not leftovers  # no half-written folder
+
+
+REPLACE_KILL_HELPER = Path(__file__).resolve().parent / "replace_kill_helper.py"
+
+
+def model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a model folder, loaded the way every script loads one (which checks the folder)."""
+    from show_attend_tell.hub import load_model_and_processor
+
+    model, _ = load_model_and_processor(folder)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["exchange", "two-renames"])
+def test_killed_while_replacing_the_model_folder(
+    tmp_path: Path, data_cache: Path, train_script, capsys, mode: str
+) -> None:
+    from show_attend_tell.saving import exchange_paths
+
+    output = tmp_path / "run"
+    base = "--epochs 1 --checkpoint-steps 0 --max-val-samples 0"
+    assert train_script.main(tiny_args(data_cache, output, base)) == 0
+    model = output / "model"
+    first = model_weights(model)
+    if mode == "exchange":
+        probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
+        for folder in probe:
+            folder.mkdir()
+        if not exchange_paths(*probe):
+            pytest.skip("this system or file system cannot exchange two paths atomically")
+
+    # A second run (other seed, so other weights) is killed while it puts its model folder in place.
+    second_run = tiny_args(data_cache, output, base, "--seed 8 --overwrite-output-dir")
+    completed = subprocess.run(
+        [sys.executable, str(REPLACE_KILL_HELPER), mode, *second_run],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == -signal.SIGKILL, completed.stderr[-2000:]
+    leftovers = sorted(p.name.split("-")[0] for p in output.iterdir() if p.name.startswith(".model."))
+    if mode == "exchange":
+        # No window: `model` is the new folder, complete; the old one waits under the staging name.
+        assert leftovers == [".model.tmp"]
+        second = model_weights(model)
+        assert any(not torch.equal(first[name], second[name]) for name in first)
+    else:
+        # Two renames: the kill left no `model` (the window): the old folder is set aside, the new one staged.
+        assert not model.exists() and leftovers == [".model.old", ".model.tmp"]
+        second = first
+
+    # The next start tidies up: the set-aside folder goes back in place, the leftover goes away. (It stops
+    # at a dataset that is not one, right after preparing the output folder.)
+    capsys.readouterr()
+    (tmp_path / "dataset_broken.json").write_text("{}")
+    args = split_options("--dataset", tmp_path / "dataset_broken.json", TINY_OPTIONS, "--output-dir", output)
+    assert train_script.main([*args, "--overwrite-output-dir"]) == 1
+    printed = capsys.readouterr()
+    assert "cannot load --dataset" in printed.err
+    assert ("put back" in printed.out) == (mode == "two-renames")
+    assert not [p.name for p in output.iterdir() if p.name.startswith(".model.")]
+    restored = model_weights(model)
+    assert all(torch.equal(second[name], restored[name]) for name in second)
+
+
+def test_failed_second_rename_puts_the_old_folder_back(
+    tmp_path: Path, tiny_model, processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import show_attend_tell.saving as saving
+
+    model = saving.save_model_folder(tmp_path / "model", tiny_model, processor)
+    first = model_weights(model)
+    monkeypatch.setattr(saving, "exchange_paths", lambda first, second: False)  # as on Windows or NFS
+    original_replace = os.replace
+
+    def failing_replace(source, destination):
+        if Path(destination) == model and Path(source).name.startswith(".model.tmp-"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return original_replace(source, destination)
+
+    monkeypatch.setattr(saving.os, "replace", failing_replace)
+    with torch.no_grad():
+        next(iter(tiny_model.parameters())).add_(1.0)  # other weights: the old folder must win
+    with pytest.raises(OSError, match="cross-device"):
+        saving.save_model_folder(model, tiny_model, processor)
+    restored = model_weights(model)
+    assert all(torch.equal(first[name], restored[name]) for name in first)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing left beside it
+
+
+def test_a_checkpoint_set_aside_by_a_killed_replacement_is_put_back(tmp_path: Path) -> None:
+    # What a kill between the two renames leaves when a run rewrites checkpoint 3 (e.g. resumed at step 3).
+    folder = tmp_path / "checkpoints"
+    write_checkpoint(folder, 2, lambda path: (path / "model.safetensors").write_bytes(b"2"), {"state": {}})
+    aside = write_checkpoint(
+        folder, 3, lambda path: (path / "model.safetensors").write_bytes(b"3"), {"state": {}}
+    )
+    aside.rename(folder / ".checkpoint-00000003.old-1a2b3c4d")
+    (folder / ".tmp-checkpoint-00000003-5e6f7a8b").mkdir()  # the unfinished new one
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-00000002"]
+    remove_stale_temporaries(folder)
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-00000002", "checkpoint-00000003"]
+    assert (folder / "checkpoint-00000003" / "model.safetensors").read_bytes() == b"3"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-00000002", "checkpoint-00000003"]
 
 
 def test_unwritable_output_dir_is_a_clear_error(

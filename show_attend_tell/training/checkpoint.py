@@ -23,7 +23,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from ..saving import replace_directory
+from ..saving import recover_directory, replace_directory
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
@@ -156,12 +156,6 @@ def describe_write_error(error: BaseException) -> str | None:
     return None
 
 
-def replace_checkpoint_directory(new: Path, target: Path) -> None:
-    """Moves folder `new` to `target`, the previous `target` set aside under a name `latest` ignores."""
-    retired = target.with_name(f"{_TEMPORARY_PREFIX}old-{target.name}-{uuid.uuid4().hex[:8]}")
-    replace_directory(new, target, retired=retired)
-
-
 def write_checkpoint(
     checkpoints_dir: str | os.PathLike,
     step: int,
@@ -190,7 +184,7 @@ def write_checkpoint(
         # Written last: a folder with training_state.json has everything else (see is_checkpoint).
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
         _fsync_tree(staging)
-        replace_checkpoint_directory(staging, target)
+        replace_directory(staging, target)  # an earlier run's checkpoint of the same step is replaced
         _fsync_directory(checkpoints_dir)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -212,10 +206,19 @@ def write_checkpoint(
 
 
 def remove_stale_temporaries(checkpoints_dir: str | os.PathLike) -> list[Path]:
-    """Deletes temporary folders left by a process killed while saving; returns what was removed."""
+    """
+    Tidies what a process killed while saving left behind: unfinished `.tmp-*` folders are deleted, and a
+    checkpoint that `replace_directory` had set aside (`.checkpoint-N.old-*`) goes back in place when the
+    kill left none. Returns what was removed.
+    """
     checkpoints_dir = Path(checkpoints_dir)
     if not checkpoints_dir.is_dir():
         return []
+    set_aside = {
+        child.name[1:].split(".old-")[0] for child in checkpoints_dir.iterdir() if ".old-" in child.name
+    }
+    for name in set_aside:
+        recover_directory(checkpoints_dir / name)
     removed = [child for child in checkpoints_dir.iterdir() if child.name.startswith(_TEMPORARY_PREFIX)]
     for child in removed:
         shutil.rmtree(child, ignore_errors=True)
@@ -249,7 +252,6 @@ __all__ = [
     "list_checkpoints",
     "read_training_state",
     "remove_stale_temporaries",
-    "replace_checkpoint_directory",
     "resolve_checkpoint",
     "write_checkpoint",
     "write_text_atomic",
