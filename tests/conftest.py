@@ -159,21 +159,15 @@ def run_check_script(
     return json.loads(result_path.read_text())
 
 
-def write_flickr30k_hub_folder(folder: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """
-    Writes rows {"image": PNG bytes, "captions": [...], "image_id": str, "split": "train"/"val"/"test"} into
-    `folder` laid out like `hf download nlphuji/flickr30k --repo-type dataset --revision refs/convert/parquet
-    --local-dir folder`: nlphuji's columns in TEST/test/000N.parquet (two shards), plus the .gitattributes and
-    the .cache/huggingface/ metadata that `hf download` leaves there.
-    """
-    from datasets import Dataset, Features, Value
-    from datasets import Image as ImageFeature
+def flickr30k_hub_features() -> Any:
+    """nlphuji/flickr30k's parquet conversion, column for column (a `datasets.Features`)."""
+    from datasets import Features, Image, Value
 
     from show_attend_tell.data.common import list_feature
 
-    features = Features(
+    return Features(
         {
-            "image": ImageFeature(),
+            "image": Image(),
             "caption": list_feature(Value("string")),
             "sentids": list_feature(Value("string")),
             "split": Value("string"),
@@ -181,6 +175,17 @@ def write_flickr30k_hub_folder(folder: Path, rows: Sequence[dict[str, Any]]) -> 
             "filename": Value("string"),
         }
     )
+
+
+def write_flickr30k_hub_folder(folder: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """
+    Writes rows {"image": PNG bytes, "captions": [...], "image_id": str, "split": "train"/"val"/"test"} into
+    `folder` laid out like `hf download nlphuji/flickr30k --repo-type dataset --revision refs/convert/parquet
+    --local-dir folder`: nlphuji's columns in TEST/test/000N.parquet (two shards), plus the .gitattributes and
+    the .cache/huggingface/ metadata that `hf download` leaves there.
+    """
+    from datasets import Dataset
+
     table = Dataset.from_dict(
         {
             "image": [{"bytes": row["image"], "path": None} for row in rows],
@@ -190,7 +195,7 @@ def write_flickr30k_hub_folder(folder: Path, rows: Sequence[dict[str, Any]]) -> 
             "img_id": [row["image_id"] for row in rows],
             "filename": [f"{row['image_id']}.jpg" for row in rows],
         },
-        features=features,
+        features=flickr30k_hub_features(),
     )
     shards = folder / "TEST" / "test"
     shards.mkdir(parents=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import flickr30k_hub_features
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
@@ -57,16 +58,7 @@ def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> datasets.Datase
 
 
 #: nlphuji/flickr30k's parquet conversion, column for column.
-FLICKR_HUB_FEATURES = Features(
-    {
-        "image": Image(),
-        "caption": list_feature(Value("string")),
-        "sentids": list_feature(Value("string")),
-        "split": Value("string"),
-        "img_id": Value("string"),
-        "filename": Value("string"),
-    }
-)
+FLICKR_HUB_FEATURES = flickr30k_hub_features()
 
 
 def flickr_hub_rows(karpathy_splits: list[str]) -> dict[str, list]:
