@@ -29,8 +29,9 @@ def save_model_folder(
     The image processor and tokenizer are also written as their own files (preprocessor_config.json,
     tokenizer_config.json), which transformers 4.x reads; 5.x reads processor_config.json.
 
-    The folder is written under a temporary name next to `output_dir` and renamed into place, so a
-    process killed while saving leaves either the previous folder or the new one, never half of one.
+    The folder is written under a temporary name next to `output_dir` and put in place by `replace_directory`,
+    so a process killed while saving leaves either the previous folder or the new one, never half of one
+    (where the system cannot exchange two folders atomically, `recover_directory` finishes the job).
     `extra_files` maps file names to contents (text or bytes) written into the folder as well.
     """
     output_dir = Path(output_dir)
