@@ -11,6 +11,8 @@ Two tabs:
 * Search: type a sentence and see the example pictures that the model finds it describes best, with the
   attention of each word over each of them (text-to-image retrieval, `show_attend_tell.retrieval`).
   The examples are encoded once at start-up (and cached on disk), so a search only runs the decoder.
+  With `--index PATH` (a caption index made by `scripts/search_images.py build`) the search covers the
+  indexed collection instead: the index proposes candidates and the model re-ranks them.
 
 The same file works as a Hugging Face Space's `app.py`: put the model folder next to it as `model/` and
 example pictures in `examples/`; the defaults pick them up (`--host 0.0.0.0` there, or GRADIO_SERVER_NAME).
@@ -72,6 +74,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "only for folders you trust (default: never)",
     )
     parser.add_argument("--cache-dir", type=Path, help="where the example pictures' features are cached")
+    parser.add_argument(
+        "--index",
+        type=Path,
+        help="search this caption index (scripts/search_images.py build) in the Search tab",
+    )
     args = parser.parse_args(argv)
     if args.examples is None and (HERE / "examples").is_dir():
         args.examples = HERE / "examples"
@@ -128,20 +135,23 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
     def search(query: str, top_k: float) -> Iterator[tuple[list[tuple[Any, str]], Any]]:
         yield [], None
         if retriever is None:
-            raise gr.Error("No example pictures to search: start the app with --examples FOLDER.")
+            raise gr.Error("Nothing to search: start the app with --examples FOLDER or --index PATH.")
         if not query or not query.strip():
             raise gr.Error("Type a sentence to search for.")
         try:
             result = retriever.search(query, top_k=int(top_k))
         except ValueError as error:
             raise gr.Error(str(error)) from None
+        # An index search brings its own gallery (the candidates it re-ranked); hit.index refers to it.
+        searched = result.gallery or retriever.gallery
         gallery = [
-            (retriever.gallery.load(hit.index), f"#{hit.rank} {hit.image_id} ({hit.score:.2f})")
-            for hit in result.hits
+            (searched.load(hit.index), f"#{hit.rank} {hit.image_id} ({hit.score:.2f})") for hit in result.hits
         ]
-        if result.unknown_words:
+        if result.reason:
+            gr.Warning(f"No pictures: {result.reason}.")
+        elif result.unknown_words:
             gr.Warning(f"Words the model does not know (scored as <unk>): {', '.join(result.unknown_words)}")
-        yield gallery, figure_to_image(plot_search_results(result, retriever.gallery))
+        yield gallery, figure_to_image(plot_search_results(result, searched))
 
     with gr.Blocks(title="Show, Attend and Tell") as demo:
         gr.Markdown("# Show, Attend and Tell")
@@ -279,6 +289,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             readable = {args.examples / image_id for image_id in retriever.features.ids}
             examples = [path for path in examples if path in readable]
 
+    if args.index is not None:
+        from show_attend_tell.caption_index import CaptionIndexError
+        from show_attend_tell.retrieval import IndexedRetriever
+
+        try:  # the examples' cached features, when they are indexed too, spare the encoder
+            retriever = IndexedRetriever(
+                captioner.model,
+                captioner.processor,
+                args.index,
+                gallery=retriever.gallery if retriever is not None else None,
+                features=retriever.features if retriever is not None else None,
+            )
+        except CaptionIndexError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
     demo = build_demo(captioner, retriever, examples)
     print(f"{PROG}: serving on http://{args.host}:{args.port}", flush=True)
     demo.launch(

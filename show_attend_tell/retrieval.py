@@ -795,6 +795,10 @@ class IndexedRetriever:
 
         if candidates < 1:
             raise ValueError(f"candidates must be at least 1, got {candidates}")
+        if features is not None and gallery is None:
+            raise ValueError(
+                "features need the gallery they were encoded from (features.indices refer to it)"
+            )
         self.index = index if isinstance(index, CaptionIndex) else CaptionIndex.open(index)
         fingerprint = _model_fingerprint(model, processor, whole_model=True)
         if self.index.model.get("fingerprint") != fingerprint:
@@ -809,11 +813,25 @@ class IndexedRetriever:
         self.candidates = candidates
         self.batch_size = batch_size
         self.encode_batch_size = encode_batch_size
-        self._gallery_positions = {image_id: i for i, image_id in enumerate(gallery.ids)} if gallery else {}
-        self._feature_rows = {image_id: i for i, image_id in enumerate(features.ids)} if features else {}
+        # A gallery picture is found by its id or, for a folder, by its file: the index keys pictures by the
+        # paths given to `build` (relative to where it ran), the gallery by paths relative to its folder.
+        self._gallery_positions: dict[str, int] = {}
+        if gallery is not None:
+            self._gallery_positions.update((image_id, i) for i, image_id in enumerate(gallery.ids))
+            self._gallery_positions.update((os.path.abspath(p), i) for i, p in enumerate(gallery.paths or ()))
+        self._feature_rows = (
+            {position: row for row, position in enumerate(features.indices)} if features else {}
+        )
 
-    def _loader(self, image_id: str, source: str | None) -> Callable[[], Image.Image]:
-        position = self._gallery_positions.get(image_id)
+    def _position(self, hit: Any) -> int | None:
+        position = self._gallery_positions.get(hit.image_id)
+        if position is None and hit.source is not None:
+            position = self._gallery_positions.get(os.path.abspath(hit.source))
+        return position
+
+    def _loader(self, hit: Any) -> Callable[[], Image.Image]:
+        image_id, source = hit.image_id, hit.source
+        position = self._position(hit)
         if position is not None:
             return lambda: self.gallery.load(position)
         if source is not None:
@@ -826,21 +844,21 @@ class IndexedRetriever:
 
     def _candidate_features(self, found: Sequence[Any]) -> tuple[GalleryFeatures | None, ImageGallery]:
         """The candidates' features (cached rows first, encoder for the rest) and a gallery to show them."""
-        loaders = [self._loader(hit.image_id, hit.source) for hit in found]
+        loaders = [self._loader(hit) for hit in found]
+        rows = [self._feature_rows.get(self._position(hit), -1) for hit in found]
         candidates = ImageGallery(
             [hit.image_id for hit in found],
             lambda i: loaders[i](),
             lambda: "",  # never cached: a candidate set is one query's
             name=f"{len(found)} candidates",
         )
-        cached = [i for i, hit in enumerate(found) if hit.image_id in self._feature_rows]
-        missing = [i for i, hit in enumerate(found) if hit.image_id not in self._feature_rows]
+        cached = [i for i, row in enumerate(rows) if row >= 0]
+        missing = [i for i, row in enumerate(rows) if row < 0]
         positions: list[int] = []
         grids: list[torch.Tensor] = []
         skipped: dict[str, str] = {}
         if cached:
-            rows = torch.tensor([self._feature_rows[found[i].image_id] for i in cached])
-            grids.append(self.features.grid[rows])
+            grids.append(self.features.grid[torch.tensor([rows[i] for i in cached])])
             positions.extend(cached)
         if missing:
             subset = ImageGallery(

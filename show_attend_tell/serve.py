@@ -8,6 +8,10 @@ Endpoints:
   ``return_attention`` (false). Answers ``{"caption", "tokens", "num_beams", "max_new_tokens"}`` plus,
   with ``return_attention``, ``attention`` (one map of ``h * w`` weights per token, row-major) and
   ``attention_shape`` (``[tokens, h, w]``).
+* ``GET /search?q=...&top_k=...`` (with ``--index PATH``, a caption index made by ``scripts/search_images.py
+  build``): text to images, the index's best candidates re-ranked by the model. Answers ``{"query", "hits":
+  [{"rank", "score", "image", "captions"}], "reason", "candidates"}``; a query that cannot match gives no hits
+  and a ``reason``.
 * ``GET /health``: ``{"status": "ok", "model", "device", "batching", "decoding", "body_timeout_s", "stats"}``.
 * ``GET /stats``: the counters alone (requests, batches, largest batch, errors, queued requests, the decode
   budget's bytes in use and at most so far, requests waiting for it, that waited, refused).
@@ -829,6 +833,46 @@ def create_app(
 
 
 # --------------------------------------------------------------------------------------------------
+# Text to images over a caption index: GET /search
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_MAX_SEARCH_TOP_K = 100
+
+
+def add_search_route(app: FastAPI, retriever: Any, *, max_top_k: int = DEFAULT_MAX_SEARCH_TOP_K) -> None:
+    """
+    Adds ``GET /search?q=...&top_k=...`` to ``app``: ``retriever`` (a
+    :class:`~show_attend_tell.retrieval.IndexedRetriever`) answers each query in a worker thread. Any query
+    text is accepted; one that cannot match gets ``hits: []`` and a ``reason``; a damaged index gets 503.
+    """
+    from fastapi import Query
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    from .caption_index import CaptionIndexError
+
+    @app.get("/search")
+    async def search(
+        q: str = Query(..., description="what the pictures should show, in words"),
+        top_k: int = Query(5, ge=1, le=max_top_k, description=f"pictures to return (1 to {max_top_k})"),
+    ) -> Any:
+        try:
+            result = await run_in_threadpool(retriever.search, q, top_k, False)
+        except CaptionIndexError as error:
+            return JSONResponse({"detail": str(error)}, status_code=503)
+        return {
+            "query": result.query,
+            "hits": [
+                {"rank": hit.rank, "score": hit.score, "image": hit.image_id, "captions": list(hit.captions)}
+                for hit in result.hits
+            ],
+            "unknown_words": result.unknown_words,
+            "reason": result.reason,
+            "candidates": result.candidates,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
@@ -910,6 +954,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    parser.add_argument(
+        "--index",
+        help="a caption index (scripts/search_images.py build) built with this model: serves GET /search",
+    )
     args = parser.parse_args(argv)
     for name in (
         "max_batch_size",
@@ -969,6 +1017,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         decode_budget_bytes=math.ceil(args.decode_budget_mb * 2**20),
         decode_threads=args.decode_threads,
     )
+    if args.index:
+        from .caption_index import CaptionIndexError
+        from .retrieval import IndexedRetriever
+
+        try:
+            add_search_route(app, IndexedRetriever(captioner.model, captioner.processor, args.index))
+        except CaptionIndexError as error:
+            print(f"cannot serve the caption index: {error}", file=sys.stderr)
+            return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -340,13 +340,8 @@ def test_two_stage_uses_cached_features_without_the_encoder(
     from show_attend_tell.retrieval import IndexedRetriever
 
     path, _ = built_index
-    # The index keys are paths as given to build; a gallery of the same folder names them relative to it.
-    index_ids = sorted(
-        picture.image_id for picture in IndexedRetriever(tiny.model, tiny.processor, path).index.pictures()
-    )
-    gallery = ImageGallery(
-        index_ids, lambda i: Image.open(index_ids[i]).convert("RGB"), lambda: "same", name="by index ids"
-    )
+    # The index keys pictures by the paths given to build, the gallery by paths relative to its folder.
+    gallery = ImageGallery.from_folder(gallery_folder)
     features = encode_gallery(tiny.model, tiny.processor, gallery, use_cache=False)
     plain = IndexedRetriever(tiny.model, tiny.processor, path).search(QUERIES[1], top_k=3)
     monkeypatch.setattr(tiny.model.encoder, "encode_grid", lambda *a, **k: pytest.fail("encoder called"))
@@ -449,3 +444,29 @@ def test_search_images_index_commands(model_folder, gallery_folder, tmp_path):
         answer = run("--model", str(model_folder), "--index", str(bad), "a star")
         assert answer.returncode == 2 and "Traceback" not in answer.stderr, answer.stderr
         assert len(answer.stderr.strip().splitlines()) == 1
+
+
+def test_http_search_route_answers_from_the_index(tiny, built_index):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from show_attend_tell.retrieval import IndexedRetriever
+    from show_attend_tell.serve import Captioner, add_search_route, create_app
+
+    app = create_app(Captioner(tiny.model, tiny.processor))
+    retriever = IndexedRetriever(tiny.model, tiny.processor, built_index[0])
+    add_search_route(app, retriever, max_top_k=10)
+    with TestClient(app) as client:
+        answer = client.get("/search", params={"q": "a large green star", "top_k": 3})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        expected = retriever.search("a large green star", top_k=3, return_attention=False)
+        assert [hit["image"] for hit in body["hits"]] == [hit.image_id for hit in expected.hits]
+        assert [hit["rank"] for hit in body["hits"]] == [1, 2, 3] and body["reason"] is None
+        assert all(hit["captions"] for hit in body["hits"])
+        for text in ("", "the of a", 'NEAR("red" AND -circle:*)', "zebra " * 5000):
+            answer = client.get("/search", params={"q": text})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["hits"] or answer.json()["reason"]
+        for params in ({"q": "a star", "top_k": 0}, {"q": "a star", "top_k": 11}, {}):
+            assert client.get("/search", params=params).status_code == 422
