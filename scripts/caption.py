@@ -33,6 +33,7 @@ is 1 if any failed.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import glob
 import hashlib
@@ -103,12 +104,14 @@ def display_name(text: str) -> str:
 _JSON_LINE_BREAKS = {ord(char): f"\\u{ord(char):04x}" for char in "\x85\u2028\u2029"}
 
 
-def json_line(row: dict[str, Any]) -> str:
+def json_line(row: dict[str, Any], ascii_only: bool = False) -> str:
     """
     One JSON row, valid UTF-8 whatever the file names: a byte of a name that is not UTF-8 (a lone surrogate,
     which no UTF-8 file can hold) is written as the JSON escape \\udcNN, which json.loads reads back as the same
-    name; U+0085, U+2028 and U+2029 are escaped too.
+    name; U+0085, U+2028 and U+2029 are escaped too. `ascii_only`: every other non-ASCII character as well.
     """
+    if ascii_only:
+        return json.dumps(row)
     text = json.dumps(row, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
     # Unicode line breaks that json.dumps leaves raw: escaped, so a reader splitting lines on them keeps rows whole
     return text.translate(_JSON_LINE_BREAKS)
@@ -350,13 +353,15 @@ def print_rows(output: Path, keys: Sequence[str], as_json: bool, stream: IO[str]
     """Streams the merged rows of this run's inputs to `stream`: `key<TAB>caption` lines, or a JSON array."""
     wanted = set(keys)
     first = True
+    # A terminal that is not UTF-8 (LANG=C, Latin-1) gets JSON's own \uNNNN escapes, not Python's \xNN.
+    utf8 = codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name == "utf-8"
     if as_json:
         stream.write("[")
     for _, row in _rows(output):
         if _row_key(row) not in wanted:
             continue
         if as_json:
-            stream.write(("\n  " if first else ",\n  ") + json_line(row))
+            stream.write(("\n  " if first else ",\n  ") + json_line(row, ascii_only=not utf8))
             first = False
         elif "caption" in row:
             stream.write(f"{display_name(_row_key(row))}\t{display_name(row['caption'])}\n")
@@ -479,6 +484,9 @@ def _cpu_only_multiprocess() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    with contextlib.suppress(AttributeError):  # a stream without reconfigure (a test's capture) keeps its own
+        # A character the terminal cannot show (LANG=C, Latin-1) is written as a backslash escape, not a crash.
+        sys.stdout.reconfigure(errors="backslashreplace")
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging

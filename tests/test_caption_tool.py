@@ -454,6 +454,12 @@ def test_odd_file_names_are_printed_escaped_one_line_each_and_reusable(
     assert [(Path(row["path"]), row["caption"]) for row in rows] == list(expected.items())
     assert {os.fsencode(Path(row["path"]).name) for row in rows} == {raw for raw, _ in ODD_NAMES}
 
+    # a terminal that shows ASCII only: the same JSON, with \uNNNN escapes for the other characters
+    ascii_env = {**subprocess_env(), "PYTHONIOENCODING": "ascii"}
+    as_ascii = subprocess.run([*common, "--json"], env=ascii_env, capture_output=True, timeout=300)
+    assert as_ascii.returncode == 0, as_ascii.stderr.decode(errors="replace")[-3000:]
+    assert json.loads(as_ascii.stdout.decode("ascii")) == rows
+
 
 @pytest.mark.skipif(sys.platform != "linux", reason="file names that are not UTF-8 need a Linux file system")
 def test_odd_file_names_in_jsonl_resume_and_errors(tmp_path, model_dir, capsys):
