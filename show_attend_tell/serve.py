@@ -102,7 +102,7 @@ DEFAULT_MAX_BEAMS = 10
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 100
 DEFAULT_QUEUE_SIZE = 256
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
-#: Enough to decode one picture of DEFAULT_MAX_IMAGE_PIXELS in any mode (16-bit grey: 32 bytes per pixel).
+#: Enough to decode one picture of DEFAULT_MAX_IMAGE_PIXELS in any mode (16-bit grey: 40 bytes per pixel).
 DEFAULT_DECODE_BUDGET_BYTES = 2 * 1024**3
 DEFAULT_DECODE_THREADS = min(4, os.cpu_count() or 1)
 #: How long a request waits for its share of the decode budget before it gets 503.
@@ -356,15 +356,15 @@ class ImageRejected(ValueError):
 
 
 #: Peak bytes per pixel of decoding a picture of each Pillow mode and preparing it for the model (decode_image,
-#: then the image processor), measured on 3000 x 3000 pictures and rounded up: 8 to 11 for modes of 8 bits per
-#: channel, 13 to 14 with transparency, 25 for 32-bit integers, 30 for 16-bit grey (to_rgb scales those
-#: through float64 arrays). Any other mode is counted at the 16-bit figure.
+#: then the image processor, which copy it several times), measured on 2000 and 4000 px square pictures as the
+#: growth of a fresh process's peak memory: 14 to 22 for modes of 8 bits per channel and 32-bit floats, 18 to
+#: 25 with transparency, 32 to 38 for 16-bit grey and 32-bit integers (to_rgb scales those through float64
+#: arrays); rounded up with about 10% added. Any other mode is counted at the highest figure.
 _DECODE_BYTES_PER_PIXEL = {
-    **dict.fromkeys(("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "F"), 12),
-    **dict.fromkeys(("LA", "La", "PA", "RGBA", "RGBa"), 16),
-    "I": 28,
+    **dict.fromkeys(("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "F"), 24),
+    **dict.fromkeys(("LA", "La", "PA", "RGBA", "RGBa"), 28),
 }
-_MOST_BYTES_PER_PIXEL = 32
+_MOST_BYTES_PER_PIXEL = 40
 
 
 @contextlib.contextmanager
@@ -931,7 +931,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=DEFAULT_DECODE_BUDGET_BYTES / 2**20,
         help="memory (MiB) that the pictures being decoded may take together, estimated from each header as "
-        "width x height x 12 bytes (8-bit), 16 (with transparency) or 32 (16-bit); a picture waits for its "
+        "width x height x 24 bytes (8-bit), 28 (with transparency) or 40 (16-bit); a picture waits for its "
         f"share up to {DEFAULT_DECODE_WAIT_S:g} s, then gets 503, and one that alone needs more gets 413 "
         f"(default {DEFAULT_DECODE_BUDGET_BYTES / 2**20:g}: one picture of the default --max-image-pixels in any mode)",
     )

@@ -480,7 +480,7 @@ def sixteen_bit_png(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-BIG = (1600, 1200)  # 1.9 megapixels: 16-bit grey costs 32 bytes per pixel to decode, 61 MB
+BIG = (1600, 1200)  # 1.9 megapixels: 16-bit grey costs 40 bytes per pixel to decode, 77 MB
 
 
 @pytest.fixture(scope="module")
@@ -536,9 +536,54 @@ def post_picture(url: str, data: bytes, **fields) -> httpx.Response:
 
 
 def test_the_decoding_cost_is_read_from_the_header(big_pictures, test_images):
-    assert decode_cost(big_pictures[0]) == BIG[0] * BIG[1] * 32
-    assert decode_cost(png_bytes(test_images[0])) == test_images[0].width * test_images[0].height * 12
-    assert decode_cost(png_bytes(Image.new("RGBA", (10, 20)))) == 10 * 20 * 16
+    assert decode_cost(big_pictures[0]) == BIG[0] * BIG[1] * 40
+    assert decode_cost(png_bytes(test_images[0])) == test_images[0].width * test_images[0].height * 24
+    assert decode_cost(png_bytes(Image.new("RGBA", (10, 20)))) == 10 * 20 * 28
+
+
+#: Decodes one picture file as the service does and prints how much the process's peak memory grew (bytes).
+#: The decoding runs in a forked child: its peak starts at its size then, not at the imports' own peak.
+_MEASURE_DECODING = """
+import os, re, sys
+from show_attend_tell import ShowAttendTellImageProcessor
+from show_attend_tell.serve import decode_image
+def peak(): return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+data = open(sys.argv[1], "rb").read()
+processor = ShowAttendTellImageProcessor()
+processor([decode_image(open(sys.argv[2], "rb").read())], return_tensors="pt")  # a small one first: warm-up
+read, write = os.pipe()
+if os.fork() == 0:
+    before = peak()
+    processor([decode_image(data, None)], return_tensors="pt")
+    os.write(write, str(peak() - before).encode())
+    os._exit(0)
+os.close(write)
+os.wait()
+print(os.read(read, 100).decode())
+"""
+
+
+def _picture_of_mode(mode: str, side: int) -> bytes:
+    if mode == "I;16":
+        return sixteen_bit_png(side, side, seed=1)
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).convert(mode)
+    return png_bytes(picture)
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"), reason="reads the peak memory from Linux's /proc"
+)
+@pytest.mark.parametrize("mode", ["I;16", "RGB", "RGBA", "P"])
+def test_the_decoding_cost_covers_the_memory_decoding_takes(tmp_path, mode):
+    picture, warm_up = tmp_path / "picture.png", tmp_path / "small.png"
+    picture.write_bytes(_picture_of_mode(mode, 2000))
+    warm_up.write_bytes(_picture_of_mode(mode, 16))
+    command = [sys.executable, "-c", _MEASURE_DECODING, str(picture), str(warm_up)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    measured = int(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
+    cost = decode_cost(picture.read_bytes())
+    assert cost / 3 < measured <= cost, (measured, cost)
 
 
 def test_decoded_bytes_in_flight_stay_within_the_shared_budget(captioner, test_images, big_pictures):
