@@ -722,7 +722,13 @@ def create_app(
         if not await budget.acquire(cost, decode_wait_s):
             raise _Busy("the server is busy (decoding other pictures); retry shortly")
         loop = asyncio.get_running_loop()
-        decoding = state["decoders"].submit(lambda: captioner.prepare(decode_image(data, max_image_pixels)))
+        try:
+            decoding = state["decoders"].submit(
+                lambda: captioner.prepare(decode_image(data, max_image_pixels))
+            )
+        except RuntimeError:  # the service is shutting down
+            budget.release(cost)
+            raise _Busy("the server is shutting down") from None
         # Released when the decoding thread is done, even if this request is given up before.
         decoding.add_done_callback(lambda _: loop.call_soon_threadsafe(budget.release, cost))
         return await asyncio.wrap_future(decoding)
