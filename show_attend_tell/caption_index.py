@@ -154,6 +154,19 @@ def _document_terms(captions: Sequence[str]) -> str:
     return " ".join(terms)
 
 
+def _id_term(image_id: str) -> str:
+    """
+    The engine's key for an id. A file name that is not UTF-8 reaches Python with lone surrogates (its
+    bytes escaped), which the engine cannot store: such an id is keyed by its bytes in hex instead, and the
+    id itself travels in the stored JSON, which escapes them losslessly.
+    """
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "\0bytes:" + image_id.encode("utf-8", "surrogateescape").hex()
+    return image_id
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -318,7 +331,7 @@ class CaptionIndex:
         return int(self._searcher().num_docs)
 
     def __contains__(self, image_id: object) -> bool:
-        return isinstance(image_id, str) and self._searcher().doc_freq("image_id", image_id) > 0
+        return isinstance(image_id, str) and self._searcher().doc_freq("image_id", _id_term(image_id)) > 0
 
     def search(self, query: str, limit: int = 100) -> list[IndexHit]:
         """
@@ -347,11 +360,11 @@ class CaptionIndex:
                 found = searcher.search(tantivy.Query.boolean_query(clauses), limit + len(seen)).hits
                 for score, address in found:
                     document = searcher.doc(address)
-                    image_id = document["image_id"][0]
+                    stored = json.loads(bytes(document["stored"][0]))
+                    image_id = stored.get("image_id", document["image_id"][0])
                     if image_id in seen:
                         continue
                     seen.add(image_id)
-                    stored = json.loads(bytes(document["stored"][0]))
                     hits.append(
                         IndexHit(
                             image_id, float(score), phrase, tuple(stored["captions"]), stored.get("source")
@@ -374,7 +387,8 @@ class CaptionIndex:
         for _, address in searcher.search(tantivy.Query.all_query(), total).hits:
             document = searcher.doc(address)
             stored = json.loads(bytes(document["stored"][0]))
-            yield IndexedPicture(document["image_id"][0], tuple(stored["captions"]), stored.get("source"))
+            image_id = stored.get("image_id", document["image_id"][0])
+            yield IndexedPicture(image_id, tuple(stored["captions"]), stored.get("source"))
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -411,13 +425,19 @@ class CaptionIndex:
             for picture in pictures:
                 if not isinstance(picture.image_id, str) or not picture.image_id:
                     raise ValueError(f"a picture needs a non-empty string id, got {picture.image_id!r}")
-                stored = {"captions": list(picture.captions), "source": picture.source}
-                writer.delete_documents_by_term("image_id", picture.image_id)
+                stored = {
+                    "image_id": picture.image_id,
+                    "captions": list(picture.captions),
+                    "source": picture.source,
+                }
+                term = _id_term(picture.image_id)
+                writer.delete_documents_by_term("image_id", term)
                 writer.add_document(
                     tantivy.Document(
-                        image_id=picture.image_id,
+                        image_id=term,
                         terms=_document_terms(picture.captions),
-                        stored=json.dumps(stored, ensure_ascii=False).encode(),
+                        # ASCII JSON: lone surrogates (names that are not UTF-8) are escaped, not lost.
+                        stored=json.dumps(stored).encode(),
                     )
                 )
                 added += 1
@@ -433,11 +453,13 @@ class CaptionIndex:
         """Removes pictures by id, in one commit; returns how many of them were in the index."""
         ids = list(dict.fromkeys(str(image_id) for image_id in image_ids))
         searcher = self._searcher()
-        present = [image_id for image_id in ids if searcher.doc_freq("image_id", image_id) > 0]
+        present = [
+            _id_term(image_id) for image_id in ids if searcher.doc_freq("image_id", _id_term(image_id)) > 0
+        ]
         if present:
             with self._writer() as writer:
-                for image_id in present:
-                    writer.delete_documents_by_term("image_id", image_id)
+                for term in present:
+                    writer.delete_documents_by_term("image_id", term)
                 writer.commit()
         return len(present)
 

@@ -35,6 +35,16 @@ PICTURES = [
     IndexedPicture("red-star.png", ("a large red star above a green square", "a red star"), None),
     IndexedPicture("dir/with space:and'quote\".png", ("a yellow triangle",), None),
 ]
+# A file name that is not UTF-8 (legal on Linux) reaches Python with its bytes escaped as lone surrogates.
+NOT_UTF8 = IndexedPicture("caf\udce9.png", ("a white cross",), "/photos/caf\udce9.png")
+
+
+def test_ids_that_are_not_utf8_round_trip(index):
+    assert index.add([NOT_UTF8]) == 1 and NOT_UTF8.image_id in index
+    (hit,) = index.search("white cross")
+    assert (hit.image_id, hit.source) == (NOT_UTF8.image_id, NOT_UTF8.source)
+    assert NOT_UTF8 in set(index.pictures())
+    assert index.remove([NOT_UTF8.image_id]) == 1 and NOT_UTF8.image_id not in index
 
 
 @pytest.fixture
