@@ -252,6 +252,43 @@ def test_a_batch_gives_each_picture_its_result_alone(model, processor, pictures,
 
 
 @pytest.mark.parametrize("num_beams", [3, 5])
+def test_beam_search_that_runs_past_the_winners_end(model, processor, captioner, pictures, num_beams):
+    """
+    Without length normalisation (`length_penalty=0`) the shortest caption often wins while the search goes on
+    until every beam has ended: the run that crashed with IndexError. It must happen here (else the test
+    would prove nothing), and the maps, the pipeline and the ids must be right when it does.
+    """
+    past_the_end = 0
+    for path in pictures:
+        options = {"length_penalty": 0.0}
+        plain = generate_alone(model, processor, Image.open(path), num_beams, **options)
+        outputs = generate_alone(
+            model,
+            processor,
+            Image.open(path),
+            num_beams,
+            output_attentions=True,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **options,
+        )
+        past_the_end += len(outputs.scores) > outputs.sequences.shape[1] - 1
+        ids = strip(plain[0], processor)
+        assert strip(outputs.sequences[0], processor) == ids, path.name
+        assert_maps_follow_words(outputs, processor, rows=1)
+        (record,) = captioner(
+            str(path),
+            num_beams=num_beams,
+            max_new_tokens=MAX_NEW_TOKENS,
+            generate_kwargs=options,
+            return_attention=True,
+        )
+        assert record["generated_text"] == processor.tokenizer.decode(ids, skip_special_tokens=True)
+        assert_words_and_maps(record, ids, processor)
+    assert past_the_end >= 2
+
+
+@pytest.mark.parametrize("num_beams", [3, 5])
 def test_num_return_sequences_have_one_map_per_word(model, processor, pictures, num_beams):
     for path in pictures[::6]:
         outputs = generate_alone(
