@@ -352,10 +352,6 @@ def fast_path_pieces(
             "oneDNN-prepacked weights (CPU, bf16)",
             lambda: _setting(fast_decoding, "PACKED_BF16_PRODUCTS", False),
         ),
-        "attention in cache-sized blocks": (
-            "one block for the whole batch",
-            lambda: _setting(fast_decoding, "CPU_ATTENTION_BLOCK_BYTES", 2**62),
-        ),
         "identical rows computed once": (
             "every beam at the first step",
             lambda: _setting(fast_decoding, "SHARE_IDENTICAL_ROWS", False),

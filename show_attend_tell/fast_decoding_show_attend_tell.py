@@ -8,9 +8,9 @@ What it does differently from the plain step, each measured in `benchmarks/` (wi
 - prepared weights (`InferenceWeights`): the decoder's weights cast once to the compute dtype and stacked so
   that one product of the LSTM state serves the attention query `W_h h`, the gate `f_beta(h)` and the LSTM's
   recurrent term; on a CPU in bf16, stored in oneDNN's own layout (prepacked);
-- the attention scores in cache-sized blocks on a CPU (`blocked_scores`), never materialising the whole
-  `(rows, num_pixels, attention_dim)` intermediate, or compiled into one kernel with `torch.compile`
-  (`decoder.fuse_attention_scores`, off by default: the first call compiles);
+- the attention scores written into one buffer reused from step to step (`attention_scores_into`), or
+  compiled into one kernel with `torch.compile` (`decoder.fuse_attention_scores`, off by default: the first
+  call compiles);
 - the rows of one image that read the same words (the beams at generate()'s first step) computed once;
 - under bf16 autocast: float32 LSTM state, attention and cell, and the logits of each row's `2 x num_beams`
   likeliest words (the only ones beam search can pick from that row) recomputed in float32;
@@ -37,10 +37,6 @@ PACKED_BF16_PRODUCTS = (
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 )
-# The additive attention's (rows, num_pixels, attention_dim) intermediate: 64 MB in float32 for 32 images x 5
-# beams. Streamed through main memory it costs a CPU more than the decoder's matrix products; cut into blocks
-# that stay in the cache, it costs a fraction of that.
-CPU_ATTENTION_BLOCK_BYTES = 4 * 2**20
 # Rows of one image that read the same words (every beam at generate()'s first step) are computed once.
 SHARE_IDENTICAL_ROWS = True
 # Captured steps kept per decoder, one per step shape, the least recently used dropped first: a collection's
@@ -110,41 +106,27 @@ def fused_attention_scores(
     return _compiled_attention_scores(keys, query, weight, bias)
 
 
-def blocked_scores(
+def attention_scores_into(
+    scratch: torch.Tensor | None,
     keys: torch.Tensor,
     query: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    scratch: torch.Tensor | None = None,
-    block_bytes: int = CPU_ATTENTION_BLOCK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    `attention_scores` a few images at a time on a CPU (all at once elsewhere), in one reused buffer that
-    stays in the cache. All tensors in one dtype; no gradients.
+    `attention_scores` with its `(images, rows_per_image, num_pixels, attention_dim)` intermediate (64 MB in
+    float32 for 32 images x 5 beams) written into `scratch`, the buffer the previous step returned, rather than
+    into fresh memory at every step. All tensors in one dtype; no gradients.
 
-    Args:
-        keys (`(images, num_pixels, attention_dim)`), query (`(images, rows_per_image, attention_dim)`),
-        weight (`(attention_dim,)`), bias (`()`).
-        scratch: the buffer returned by the previous call, reused when it is large enough.
-        block_bytes: the size of a block's intermediate on a CPU.
-
-    Returns:
-        scores (`(images, rows_per_image, num_pixels)`), and the buffer to pass to the next call.
+    Returns the scores `(images, rows_per_image, num_pixels)` and the buffer to pass to the next call.
     """
     images, num_pixels, attention_dim = keys.shape
-    per_image = query.shape[1] * num_pixels * attention_dim
-    block = images
-    if keys.device.type == "cpu":
-        block = max(1, min(images, block_bytes // (per_image * keys.element_size())))
-    if scratch is None or scratch.numel() < block * per_image or scratch.dtype != keys.dtype:
-        scratch = keys.new_empty(block * per_image)
-    scores = keys.new_empty(*query.shape[:-1], num_pixels)
-    for start in range(0, images, block):
-        stop = min(start + block, images)
-        hidden = scratch[: (stop - start) * per_image].view(*scores[start:stop].shape, attention_dim)
-        torch.add(keys[start:stop].unsqueeze(1), query[start:stop].unsqueeze(2), out=hidden)
-        hidden.relu_()
-        torch.mv(hidden.view(-1, attention_dim), weight, out=scores[start:stop].view(-1))
+    size = images * query.shape[1] * num_pixels * attention_dim
+    if scratch is None or scratch.numel() < size or scratch.dtype != keys.dtype:
+        scratch = keys.new_empty(size)
+    hidden = scratch[:size].view(images, query.shape[1], num_pixels, attention_dim)
+    torch.add(keys.unsqueeze(1), query.unsqueeze(2), out=hidden).relu_()
+    scores = torch.mv(hidden.view(-1, attention_dim), weight).view(images, query.shape[1], num_pixels)
     return scores.add_(bias), scratch
 
 
@@ -281,8 +263,8 @@ def inference_step(
     if decoder.fuse_attention_scores:
         scores = fused_attention_scores(keys, query, weights.score_weight, weights.score_bias)
     else:
-        scores, scratch = blocked_scores(
-            keys, query, weights.score_weight, weights.score_bias, scratch, CPU_ATTENTION_BLOCK_BYTES
+        scores, scratch = attention_scores_into(
+            scratch, keys, query, weights.score_weight, weights.score_bias
         )
     alpha = scores.softmax(dim=-1)  # (images, rows_per_image, num_pixels)
     context = torch.bmm(alpha.to(weights.dtype), compute_features).view(-1, encoder_dim)

@@ -410,7 +410,7 @@ class ShowAttendTellDecoder(nn.Module):
         self.inference_memo = None  # the fast path's prepared weights and captured steps; copies drop it
 
     def __getstate__(self) -> dict:
-        # the memo is rebuilt on demand, and may hold what cannot be copied (packed weights, CUDA graphs)
+        # the memo is rebuilt on demand, and may hold what cannot be copied (CUDA graphs)
         return {**super().__getstate__(), "inference_memo": None}
 
     def initial_state(self, features: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,6 @@ def test_bench_generate_measures_each_piece_of_the_fast_path_with_and_without_it
     expected = {
         "fast path (all of it)",
         "prepacked bf16 weights",
-        "attention in cache-sized blocks",
         "identical rows computed once",
         "float32 logits of the likeliest words",
     }

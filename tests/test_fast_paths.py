@@ -26,12 +26,6 @@ def generate(model, features: BaseModelOutput, fast: bool = True, autocast: bool
         model.decoder.fast_inference = True
 
 
-@pytest.fixture
-def wide_model():
-    """A small model whose rows per image and grid make the attention run in several blocks when asked."""
-    return sharpened_tiny_model(40, std=0.5, seed=1)
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -96,30 +90,18 @@ def test_a_plain_state_continues_on_the_fast_path_and_back(tiny_model):
     )
 
 
-def test_blocked_attention_scores_equal_the_whole_computation():
+def test_attention_scores_reuse_one_buffer_and_equal_the_formula():
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(7, 16, 32, generator=generator)
     query = torch.randn(7, 3, 32, generator=generator)
     weight, bias = torch.randn(32, generator=generator), torch.tensor(0.3)
     expected = torch.relu(keys.unsqueeze(1) + query.unsqueeze(2)) @ weight + bias
-    whole, _ = fast_decoding.blocked_scores(keys, query, weight, bias)
-    # blocks of two images, the last one short; the buffer is reused on the next call
-    block_bytes = 2 * 3 * 16 * 32 * 4
-    blocked, scratch = fast_decoding.blocked_scores(keys, query, weight, bias, block_bytes=block_bytes)
-    again, scratch_again = fast_decoding.blocked_scores(keys, query, weight, bias, scratch, block_bytes)
-    assert scratch.numel() == 2 * 3 * 16 * 32 and scratch_again is scratch
-    for scores in (whole, blocked, again):
-        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_generate_with_blocked_attention_gives_the_same_ids(wide_model, monkeypatch):
-    features = unit_features(5, wide_model.config, seed=8)
-    kwargs = {"num_beams": 3, "max_new_tokens": 7, "min_new_tokens": 2}
-    whole = generate(wide_model, features, **kwargs)
-    monkeypatch.setattr(fast_decoding, "CPU_ATTENTION_BLOCK_BYTES", 1)  # one image per block
-    blocked = generate(wide_model, features, **kwargs)
-    plain = generate(wide_model, features, fast=False, **kwargs)
-    assert torch.equal(whole, blocked) and torch.equal(whole, plain)
+    scores, scratch = fast_decoding.attention_scores_into(None, keys, query, weight, bias)
+    again, scratch_again = fast_decoding.attention_scores_into(scratch, keys, query, weight, bias)
+    smaller, scratch_smaller = fast_decoding.attention_scores_into(scratch, keys[:2], query[:2], weight, bias)
+    assert scratch_again is scratch and scratch_smaller is scratch  # one buffer from step to step
+    for computed, want in ((scores, expected), (again, expected), (smaller, expected[:2])):
+        torch.testing.assert_close(computed, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture
@@ -149,7 +131,7 @@ def test_fused_attention_scores_give_the_same_ids(ending_model):
     generator = torch.Generator().manual_seed(1)
     keys, query = torch.randn(3, 16, 8, generator=generator), torch.randn(3, 2, 8, generator=generator)
     weight, bias = torch.randn(8, generator=generator), torch.tensor(0.5)
-    expected, _ = fast_decoding.blocked_scores(keys, query, weight, bias)
+    expected = fast_decoding.attention_scores(keys, query, weight, bias)
     torch.testing.assert_close(fast_decoding.fused_attention_scores(keys, query, weight, bias), expected)
     kwargs = {"num_beams": 4, "max_new_tokens": 12, "return_dict_in_generate": True, "output_scores": True}
     plain = generate(ending_model, features, fast=False, **kwargs)
@@ -279,7 +261,9 @@ def test_a_decoding_prepares_its_weights_once_and_its_cache_can_be_copied(tiny_m
     """The cache carries the prepared weights from step to step; a copy or pickle of it leaves them behind."""
     calls, prepare = [], fast_decoding.inference_weights
     monkeypatch.setattr(
-        fast_decoding, "inference_weights", lambda decoder, dtype: calls.append(dtype) or prepare(decoder, dtype)
+        fast_decoding,
+        "inference_weights",
+        lambda decoder, dtype: calls.append(dtype) or prepare(decoder, dtype),
     )
     features = unit_features(3, tiny_model.config, seed=2)
     kwargs = {"num_beams": 2, "max_new_tokens": 5, "min_new_tokens": 5, "return_dict_in_generate": True}
