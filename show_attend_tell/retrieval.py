@@ -695,7 +695,23 @@ def rank_by_likelihood(
     scored (the query's words, then ``<end>``). Both retrievers rank with this.
     """
     input_ids = tokenize_queries(processor, [query])
-    scores = score_captions(model, features, input_ids, batch_size=batch_size)[:, 0]
+    # Few images (a two-stage search's candidates, a small gallery): one forward gives the scores and the
+    # attention, instead of a second forward over the winners (a quarter of the time of a re-ranking).
+    single_pass = return_attention and 0 < len(features) <= batch_size
+    if single_pass:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                rows = input_ids.to(model.device).repeat(len(features), 1)
+                scores, all_attention = _query_log_likelihood(
+                    model, features.features(model), rows, output_attentions=True
+                )
+        finally:
+            model.train(was_training)
+        scores = scores.float().cpu()
+    else:
+        scores = score_captions(model, features, input_ids, batch_size=batch_size)[:, 0]
     top_k = max(0, min(top_k, len(features)))
     best = torch.argsort(scores, descending=True, stable=True)[:top_k].tolist()
     hits = [
@@ -708,7 +724,10 @@ def rank_by_likelihood(
         for rank, position in enumerate(best, start=1)
     ]
     tokens = [*(processor.tokenizer.convert_ids_to_tokens(input_ids[0, 1:-1].tolist())), "<end>"]
-    if return_attention and hits:
+    if single_pass and hits:
+        for hit, position in zip(hits, best, strict=True):
+            hit.attention = all_attention[position].float().cpu().numpy()
+    elif return_attention and hits:
         # One more forward over just the winners, with attention: cheaper than keeping the
         # attention of every image while scoring the whole gallery.
         was_training = model.training
