@@ -23,6 +23,7 @@ Inference without gradients takes a faster route through the same function, kept
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -809,21 +810,17 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
             CACHE_NAME: state,
             "use_cache": True if use_cache is None else use_cache,
         }
-        forward_parameters = self._forward_parameters()
-        for name, value in kwargs.items():
-            if (
-                name in forward_parameters
-                and name not in inputs
-                and name not in ("input_ids", "pixel_values")
-            ):
-                inputs[name] = value
+        # generate() passes the encoder's input and return_dict itself; its own bookkeeping (cache_position,
+        # next_sequence_length, ...) is not a parameter of forward
+        passed_through = set(inspect.signature(self.forward).parameters) - {
+            "input_ids",
+            "pixel_values",
+            "return_dict",
+        }
+        inputs.update(
+            {name: value for name, value in kwargs.items() if name in passed_through and name not in inputs}
+        )
         return inputs
-
-    @classmethod
-    def _forward_parameters(cls) -> frozenset[str]:
-        import inspect
-
-        return frozenset(inspect.signature(cls.forward).parameters)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """
