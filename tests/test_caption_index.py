@@ -251,3 +251,29 @@ def test_a_killed_add_leaves_the_index_usable(index, tmp_path):
     assert again.remove(["new-0000000.png"]) == 1
     assert ids(again.search("white cross")) == ["after.png"]
     assert len(again.search("purple hexagon", limit=1000)) == added - 1
+
+
+def test_caption_rows_become_pictures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = tmp_path / "captions.jsonl"
+    rows.write_text(
+        json.dumps(
+            {"path": "photos/a.png", "caption": "a red star", "captions": ["a red star", "a red cross"]}
+        )
+        + "\n"
+        + json.dumps({"path": "https://example.org/b.jpg", "caption": "a blue circle"})
+        + "\n"
+        + json.dumps({"path": "photos/broken.png", "error": "not an image"})
+        + "\n"
+        + json.dumps({"image_id": "17", "caption": "a green square"})
+        + "\nnot json\n"
+        + json.dumps({"path": "photos/cut.png", "caption": "a yellow"}),  # a line cut by a kill: no newline
+        encoding="utf-8",
+    )
+    from show_attend_tell.caption_index import pictures_from_caption_rows
+
+    assert list(pictures_from_caption_rows(rows)) == [
+        IndexedPicture("photos/a.png", ("a red star", "a red cross"), str(tmp_path / "photos" / "a.png")),
+        IndexedPicture("https://example.org/b.jpg", ("a blue circle",), "https://example.org/b.jpg"),
+        IndexedPicture("17", ("a green square",), None),
+    ]
