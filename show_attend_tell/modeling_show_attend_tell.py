@@ -557,6 +557,34 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: 
     return decoder_input_ids.masked_fill(decoder_input_ids == -100, pad_token_id)
 
 
+def _files_beside_weights(config: ShowAttendTellConfig, names: list[str]) -> list[Path] | None:
+    """
+    `names` in the folder or Hub repository (at the loaded revision, from the local cache when offline) that
+    the model was loaded from; None when any is missing there.
+    """
+    source = getattr(config, "_name_or_path", "") or ""
+    if not source:
+        return None
+    from transformers.utils import cached_file
+
+    paths = []
+    for name in names:
+        try:
+            path = cached_file(
+                source,
+                name,
+                revision=getattr(config, "_commit_hash", None),
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except OSError:  # not a folder nor a repository id any more
+            return None
+        if path is None:
+            return None
+        paths.append(Path(path))
+    return paths
+
+
 class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, GenerationMixin):
     """
     Show, Attend and Tell: ResNet encoder + soft-attention LSTM decoder.
@@ -626,9 +654,12 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
             # Not imported by this file: transformers 4.x copies only a module's direct relative imports
             # into its cache, and the pipeline's own import of the image processing file would be missing.
             code_dir = Path(__file__).resolve().parent
-            pipeline_files = [
-                code_dir / f"{name}_show_attend_tell.py" for name in ("pipeline", "image_processing")
-            ]
+            names = [f"{name}_show_attend_tell.py" for name in ("pipeline", "image_processing")]
+            pipeline_files = [code_dir / name for name in names]
+            if not all(path.is_file() for path in pipeline_files):
+                # Code loaded from a folder or repository (trust_remote_code) holds only the files that loading
+                # the model needed; the pipeline's are where the model came from.
+                pipeline_files = _files_beside_weights(self.config, names) or pipeline_files
             custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
             if all(path.is_file() for path in pipeline_files):
                 custom_pipelines.update(PIPELINE_DECLARATION)

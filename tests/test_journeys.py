@@ -709,14 +709,6 @@ def test_search_images_script_on_the_saved_folder(model_dir, pictures, expected,
 # ==================================================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model bug, fix pending in modeling_show_attend_tell.py (owned by the issue-18 refactor): "
-    "save_pretrained of a model whose code came from a folder (trust_remote_code) looks for the pipeline's "
-    "code files only next to that code (the modules cache, where loading the model did not put them), so it "
-    "drops the pipeline declaration and the folder serves transformers' own image-to-text pipeline, which "
-    "fails; it should take them from the folder or repository the model was loaded from",
-)
 @pytest.mark.parametrize("major", [5, 4])
 def test_a_folder_resaved_from_remote_code_serves_the_pipeline(
     major, model_dir, model, processor, pictures, workdir, tmp_path

@@ -140,9 +140,7 @@ def test_loss_is_cross_entropy_plus_doubly_stochastic_penalty(tiny_model, tokeni
     valid = labels != -100
     # with labels, the padding after a caption is not decoded: zeros there, the full computation elsewhere
     assert (
-        not valid.all()
-        and torch.all(out.logits[~valid] == 0)
-        and torch.all(out.attention_maps[~valid] == 0)
+        not valid.all() and torch.all(out.logits[~valid] == 0) and torch.all(out.attention_maps[~valid] == 0)
     )
     torch.testing.assert_close(out.attention_maps[valid].sum(-1), torch.ones(int(valid.sum())))
     full = tiny_model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)

@@ -81,8 +81,10 @@ def test_a_folder_saved_with_save_pretrained_serves_its_pipeline(
 def test_a_model_resaved_without_its_pipeline_code_drops_the_declaration(pretrained_folder, tmp_path):
     """
     A model loaded from a folder's code (as where the package is not installed) has only the files that
-    loading the model needs; saved again, its folder must not declare a pipeline whose code it lacks.
+    loading the model needs; when the folder it came from lacks the pipeline's code too, the folder it is
+    saved to must not declare a pipeline whose code it lacks.
     """
+    (pretrained_folder / "pipeline_show_attend_tell.py").unlink()
     remote_class = get_class_from_dynamic_module(
         "modeling_show_attend_tell.ShowAttendTellForConditionalGeneration", pretrained_folder
     )
