@@ -34,6 +34,7 @@ except ImportError:
         "test_app.py",
         "test_data.py",
         "test_evaluate_script.py",
+        "test_journeys.py",
         "test_retrieval.py",
         "test_serve.py",
         "test_training.py",
