@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -67,17 +66,7 @@ def load_train_script():
     return module
 
 
-def unshadow_libraries() -> None:
-    """
-    Takes scripts/ off `sys.path`: Python puts a script's folder first, and scripts/evaluate.py would then
-    be imported instead of the `evaluate` library that the metrics use.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
-
-
 def main(argv: list[str] | None = None) -> int:
-    unshadow_libraries()
     args = parse_args(argv)
     started = time.monotonic()
     output_dir = Path(args.output_dir)

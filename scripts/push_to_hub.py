@@ -15,7 +15,7 @@ without uploading.
 The card describes this checkpoint, not the paper's: its sizes and usage shapes come from the folder's
 config and processor, its training data and hyperparameters from the `training_args.json` and
 `metrics.json` that scripts/train.py writes into the model folder (a folder without them says its training
-is not recorded). Scores from `scripts/evaluate.py --approximate-tokenization` stay labelled approximate, and
+is not recorded). Scores from `scripts/evaluate_captions.py --approximate-tokenization` stay labelled approximate, and
 an evaluation of the first N images (`--max-samples`) stays "test (first N)".
 
 The token is read by huggingface_hub from where it keeps it (`HF_TOKEN`, or `hf auth login`); it is never
@@ -58,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--dry-run", type=Path, metavar="OUT", help="write and check the folder here; no upload"
     )
     parser.add_argument(
-        "--eval-results", type=Path, help="evaluation JSON (scripts/evaluate.py) for the card"
+        "--eval-results", type=Path, help="evaluation JSON (scripts/evaluate_captions.py) for the card"
     )
     parser.add_argument("--example-image", type=Path, help="picture for the card's attention figure")
     parser.add_argument("--no-figure", action="store_true", help="do not draw the example attention figure")

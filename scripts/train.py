@@ -362,7 +362,7 @@ def validate(args, accelerator, model, processor, val_split) -> dict[str, Any]:
     """
     Approximate BLEU-1..4 (`bleu_1_approx`..`bleu_4_approx`) of captions decoded by generate() for the
     validation images, shared out over processes: tokenised in Python (fast, no Java), so not comparable
-    with published scores, which scripts/evaluate.py computes.
+    with published scores, which scripts/evaluate_captions.py computes.
     """
     from show_attend_tell.metrics import compute_caption_metrics
 
@@ -873,15 +873,6 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def unshadow_libraries() -> None:
-    """
-    Takes scripts/ off `sys.path`: Python puts a script's folder first, and scripts/evaluate.py would then
-    be imported instead of the `evaluate` library that the metrics use.
-    """
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
-
-
 @contextlib.contextmanager
 def tensorboard_thread_failures_left_to_the_loop():
     """
@@ -905,7 +896,6 @@ def tensorboard_thread_failures_left_to_the_loop():
 
 
 def main(argv: list[str] | None = None) -> int:
-    unshadow_libraries()
     args = parse_args(argv)
     try:
         check_args(args)

@@ -465,13 +465,13 @@ def normalize_eval_results(raw: Mapping[str, Any]) -> dict[str, Any]:
     `{"dataset": str, "split": str, "results": [{"num_beams": int | None, "metrics": {"BLEU-4": 19.1, ...}}]}`
     with metric values in percent (coco-caption's fractions are multiplied by 100).
 
-    Accepted: the report of `scripts/evaluate.py --output` (`{"results": {"beam_1": {...}, "beam_3": {...}},
+    Accepted: the report of `scripts/evaluate_captions.py --output` (`{"results": {"beam_1": {...}, "beam_3": {...}},
     ...}`), `{"results": [{"num_beams": 3, "metrics": {...}}, ...]}`, `{"beam_3": {...}, "beam_5": {...}}`,
     `{"metrics": {...}, "num_beams": 3}`, or a flat `{"BLEU-4": 0.191, "METEOR": 0.185, ...}`; metric names
     in any usual spelling (`Bleu_4`, `bleu-4`, `BLEU4`, `ROUGE_L`, `CIDEr`). Optional top-level `dataset`
     and `split`. Unknown metric names and other keys (predictions, settings, timings) are ignored.
 
-    Two facts about how the scores were made stay with them: `"tokenization": "approximate"` (scripts/evaluate.py
+    Two facts about how the scores were made stay with them: `"tokenization": "approximate"` (scripts/evaluate_captions.py
     --approximate-tokenization) comes back as `"tokenization": "approximate"` (else "ptb"), and a report of the
     first N images of a split (`settings.max_samples`) names its split "test (first N)".
     """
@@ -484,7 +484,7 @@ def normalize_eval_results(raw: Mapping[str, Any]) -> dict[str, Any]:
         split = f"{split} (first {raw.get('num_images', settings['max_samples'])})"
     tokenization = "approximate" if str(raw.get("tokenization", "")).lower() == "approximate" else "ptb"
     entries: list[tuple[int | None, Mapping[str, Any]]] = []
-    if isinstance(raw.get("results"), Mapping):  # scripts/evaluate.py: one entry per beam size
+    if isinstance(raw.get("results"), Mapping):  # scripts/evaluate_captions.py: one entry per beam size
         entries.extend((_beam_of(label), metrics) for label, metrics in raw["results"].items())
     elif isinstance(raw.get("results"), list):
         for entry in raw["results"]:

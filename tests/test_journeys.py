@@ -5,7 +5,7 @@ package's own training, in this process), so that its captions end at different 
 complete model folder. About 60 pictures (synthetic shapes, random noise of odd sizes and aspect ratios,
 RGBA, grayscale, 16-bit, palette, CMYK, 1 x 1, very wide and very tall) then go through `generate()`,
 `pipeline("image-to-text")`, scripts/caption.py, the HTTP API, the web demo's handlers,
-scripts/push_to_hub.py, scripts/evaluate.py and scripts/search_images.py at beams 1, 3 and 5, and every
+scripts/push_to_hub.py, scripts/evaluate_captions.py and scripts/search_images.py at beams 1, 3 and 5, and every
 result is compared with what `generate()` gives that picture alone.
 """
 
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.slow
 
 
 def load_script(name: str) -> Any:
-    """scripts/NAME.py as a module under a name of its own (scripts/evaluate.py would shadow `evaluate`)."""
+    """scripts/NAME.py as a module under a name of its own."""
     spec = importlib.util.spec_from_file_location(f"journey_{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -646,7 +646,7 @@ def test_web_demo_search(app_handlers, pictures, expected, processor):
 
 
 # ==================================================================================================
-# scripts/push_to_hub.py, scripts/evaluate.py, scripts/search_images.py
+# scripts/push_to_hub.py, scripts/evaluate_captions.py, scripts/search_images.py
 # ==================================================================================================
 
 
@@ -682,7 +682,7 @@ def test_evaluate_script_on_the_saved_folder(model_dir, workdir, capsys):
     ]
     argv += ["--num-beams", "1", "3", "5", "--metrics", "bleu", "rouge", "cider", "--num-workers", "0"]
     argv += ["--no-progress", "--output", str(output), "--max-new-tokens", str(MAX_NEW_TOKENS)]
-    assert load_script("evaluate").main(argv) == 0, capsys.readouterr().err
+    assert load_script("evaluate_captions").main(argv) == 0, capsys.readouterr().err
     results = json.loads(output.read_text())
     assert set(results["results"]) == {"beam_1", "beam_3", "beam_5"}
     for scores in results["results"].values():

@@ -557,14 +557,16 @@ def _load_caption_script():
 def _load_evaluate_script():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_script", REPO / "scripts" / "evaluate_captions.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def synthetic_data_options(tmp_path: Path) -> list[str]:
-    """evaluate.py's options for a small synthetic split, cached under `tmp_path`."""
+    """evaluate_captions.py's options for a small synthetic split, cached under `tmp_path`."""
     return [
         "--dataset",
         "synthetic",
@@ -599,7 +601,7 @@ def test_scripts_run_the_folders_code_only_with_trust_remote_code(
 
     folder, marks = folder_with_marked_code(clean_folder, tmp_path / "without")
     plain = run_all(folder)
-    assert ran(marks) == []  # before: evaluate.py ran the folder's code files without being asked
+    assert ran(marks) == []  # before: evaluate_captions.py ran the folder's code files without being asked
     # each script on a folder of its own: a process imports a folder's code files once
     folder, marks = folder_with_marked_code(clean_folder, tmp_path / "with")
     assert run_all(folder, "--trust-remote-code") == plain  # the same captions from the folder's code
@@ -639,7 +641,7 @@ def test_each_script_says_in_one_line_which_file_is_broken(corruption, clean_fol
     data = synthetic_data_options(tmp_path)
     runs = {
         "caption.py": lambda flag: _load_caption_script().main(["--model", str(folder), str(image), *flag]),
-        "evaluate.py": lambda flag: evaluate.main(
+        "evaluate_captions.py": lambda flag: evaluate.main(
             ["--model", str(folder), *data, "--max-samples", "1", *flag]
         ),
         "serve": lambda flag: serve.main(["--model", str(folder), *flag]),

@@ -196,7 +196,7 @@ def test_a_folder_without_training_args_says_its_training_is_not_recorded(tmp_pa
     assert "| 64 |" not in text and "29,000" not in text and "ResNet-101" not in text
 
 
-EVALUATE_REPORT = {  # what scripts/evaluate.py --output writes, abridged
+EVALUATE_REPORT = {  # what scripts/evaluate_captions.py --output writes, abridged
     "model": "/home/someone/outputs/model",
     "dataset": "flickr30k",
     "split": "test",

@@ -2,17 +2,17 @@
 """Score a Show, Attend and Tell model with the coco-caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr).
 
     # caption the Flickr30K test split with beams 1, 3 and 5, print a table, write the scores and captions
-    python scripts/evaluate.py --model outputs/model --dataset flickr30k --split test \\
+    python scripts/evaluate_captions.py --model outputs/model --dataset flickr30k --split test \\
         --num-beams 1 3 5 --output outputs/eval/results.json
 
     # score captions made elsewhere (JSON lines with image_id and caption, e.g. from scripts/caption.py)
-    python scripts/evaluate.py --predictions test.jsonl --dataset flickr30k --split test
+    python scripts/evaluate_captions.py --predictions test.jsonl --dataset flickr30k --split test
 
     # also put the scores into model_card.md (model-index metadata and results table)
-    python scripts/evaluate.py --model outputs/model --dataset flickr30k --update-model-card
+    python scripts/evaluate_captions.py --model outputs/model --dataset flickr30k --update-model-card
 
     # quick look on the embedded synthetic data
-    python scripts/evaluate.py --model outputs/demo/model --dataset synthetic --max-samples 50
+    python scripts/evaluate_captions.py --model outputs/demo/model --dataset synthetic --max-samples 50
 
 How it works: DataLoader workers decode and preprocess the pictures; the main process runs the encoder
 once per batch and `model.generate()` once per beam size on the same features (so `--num-beams 1 3 5`
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import platform
@@ -54,25 +53,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# This file shares its name with the Hugging Face `evaluate` library, which the metric imports. Python puts
-# the folder of the script it runs first on sys.path, so under `python scripts/<any>.py` an `import evaluate`
-# would find this file. Run as a script, this file takes its folder off the path; imported under the
-# library's name (from a sibling script), it hands the importer the real library instead (the import
-# system returns whatever sys.modules holds under the name once the file has run).
-_SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
-if __name__ in ("__main__", "evaluate"):
-    _saved_path = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _SCRIPTS_DIR]
-    if __name__ == "evaluate":
-        del sys.modules["evaluate"]
-        try:
-            sys.modules["evaluate"] = importlib.import_module("evaluate")
-        finally:
-            sys.path[:] = _saved_path
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CARD = REPO_ROOT / "model_card.md"
-PROG = "evaluate.py"
+PROG = "evaluate_captions.py"
 
 METRIC_CHOICES = ("bleu", "meteor", "rouge", "cider")
 # (key in the scores, column name in the table), in the paper's order.
