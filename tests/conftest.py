@@ -88,6 +88,14 @@ def sharpened_tiny_model(
     return model
 
 
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons: each in-process training run starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def unit_features(images: int, config: ShowAttendTellConfig, seed: int = 0) -> BaseModelOutput:
     """Unit-scale image features (a random ResNet's are 1e4 or more and saturate the LSTM)."""
     generator = torch.Generator().manual_seed(seed)
