@@ -3,6 +3,7 @@ the check scripts that load a saved folder in a fresh process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -86,6 +87,17 @@ def sharpened_tiny_model(
         with torch.no_grad():
             model.decoder.output_layer.bias[model.config.eos_token_id] += end_bias
     return model
+
+
+def load_script(name: str) -> Any:
+    """scripts/NAME.py as a module under a name of its own, as a test imports a command line to call its main."""
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_script_under_test", TESTS.parent / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def reset_accelerate() -> None:

@@ -11,10 +11,8 @@ result is compared with what `generate()` gives that picture alone.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate
+from conftest import load_script, reset_accelerate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -43,15 +41,6 @@ TRAIN_OPTIONS = (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def load_script(name: str) -> Any:
-    """scripts/NAME.py as a module under a name of its own."""
-    spec = importlib.util.spec_from_file_location(f"journey_{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

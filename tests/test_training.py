@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate, write_flickr30k_hub_folder
+from conftest import load_script, reset_accelerate, write_flickr30k_hub_folder
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -62,10 +62,7 @@ STEPS_PER_EPOCH = 10  # 40 pictures, 4 per batch (8 captions, 2 per picture)
 
 @pytest.fixture(scope="module")
 def train_script():
-    spec = importlib.util.spec_from_file_location("train_script_under_test", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train")
 
 
 @pytest.fixture(autouse=True)
