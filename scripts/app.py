@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A web demo of a trained captioning model (Gradio; `pip install "show-attend-tell[app]"`).
+"""A web demo of a trained captioning model (Gradio; from a clone: `pip install -e ".[app]"`).
 
     python scripts/app.py --model MODEL                          # http://127.0.0.1:7860
     python scripts/app.py --model MODEL --examples photos/ --port 8080
@@ -246,9 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import gradio  # noqa: F401 - only to say what to install
     except ImportError:
-        print(
-            f'{PROG}: error: the web demo needs Gradio: pip install "show-attend-tell[app]"', file=sys.stderr
-        )
+        print(f"{PROG}: error: the web demo needs Gradio: pip install gradio", file=sys.stderr)
         return 2
     import torch
     from transformers.utils import logging as transformers_logging

@@ -984,9 +984,7 @@ def plot_search_results(
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'the search figure needs matplotlib: pip install "show-attend-tell[vis]"'
-        ) from error
+        raise ImportError("the search figure needs matplotlib: pip install matplotlib") from error
     rows = max(1, len(result.hits))
     columns = 1 + len(result.words)
     title_height = 0.5

@@ -37,7 +37,7 @@ one ``generate()`` call. Under load the model thus sees batches (several times t
 a lone request waits at most ``max_wait_ms``. Every image is processed on its own by the image processor
 and the search keeps each image's beams apart, so a request gets the same caption batched or alone.
 
-FastAPI and uvicorn are an optional extra (``pip install "show-attend-tell[serve]"``); the
+FastAPI and uvicorn are an optional extra (``pip install -e ".[serve]"`` in a clone); the
 :class:`Captioner` and :class:`BatchingCaptioner` classes work without them.
 """
 
@@ -643,7 +643,7 @@ def create_app(
         from pydantic import BaseModel, Field
     except ImportError as error:
         raise ImportError(
-            'the HTTP service needs FastAPI and uvicorn: pip install "show-attend-tell[serve]"'
+            "the HTTP service needs FastAPI and uvicorn: pip install fastapi uvicorn python-multipart"
         ) from error
     from starlette.concurrency import run_in_threadpool
 
@@ -988,7 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import uvicorn
     except ImportError:
         print(
-            'the HTTP service needs FastAPI and uvicorn: pip install "show-attend-tell[serve]"',
+            "the HTTP service needs FastAPI and uvicorn: pip install fastapi uvicorn python-multipart",
             file=sys.stderr,
         )
         return 2

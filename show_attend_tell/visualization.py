@@ -19,7 +19,7 @@ resized image. The figure therefore shows the image resized the same way (a wide
 squeezed); the overlay is then exact, cell for cell. Grayscale, palette and RGBA images are
 converted to RGB (transparency composited on white, as the processor does).
 
-matplotlib is an optional dependency (``pip install "show-attend-tell[vis]"``). It is imported only
+matplotlib is an optional dependency (``pip install matplotlib``, or ``pip install -e ".[vis]"`` in a clone). It is imported only
 when a figure is built, so :func:`attention_overlays` works without it. The figure is drawn with
 matplotlib's object-oriented API and the Agg canvas, never through ``pyplot``: no global backend is
 changed, no window opens on a headless machine, and a notebook still displays the returned figure.
@@ -249,9 +249,7 @@ def _figure_class() -> type[Figure]:
     try:
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            'the attention figure needs matplotlib: pip install "show-attend-tell[vis]"'
-        ) from error
+        raise ImportError("the attention figure needs matplotlib: pip install matplotlib") from error
     return Figure
 
 

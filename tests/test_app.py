@@ -69,7 +69,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory) -> Iterator[str]:
     """scripts/app.py started as a user would, on 127.0.0.1, with the tiny model and six example pictures."""
-    require(_importable("gradio"), 'gradio is not installed (pip install "show-attend-tell[app]")')
+    require(_importable("gradio"), 'gradio is not installed (pip install -e ".[app]")')
     root = tmp_path_factory.mktemp("app")
     model_dir = save_tiny_model(root / "model")
     examples = root / "examples"
