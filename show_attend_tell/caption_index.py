@@ -37,12 +37,13 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .atomic_files import write_text_atomic
 
 __all__ = [
     "STOP_WORDS",
@@ -171,20 +172,6 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 def _describe_model(model: Mapping[str, Any]) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in sorted(model.get("generation", {}).items()))
     return f"model {str(model.get('fingerprint', '?'))[:12]} ({settings or 'no settings'})"
@@ -251,7 +238,7 @@ class CaptionIndex:
             raise CaptionIndexError(f"cannot create a caption index at {path}: {_one_line(error)}") from None
         meta = {"format": INDEX_FORMAT, "engine": f"tantivy {_engine_version()}", "model": dict(model)}
         # Written last: a folder without index.json is not an index yet, and create() may be run again.
-        _write_json_atomically(path / META_FILE, meta)
+        write_text_atomic(path / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
         return cls(path, meta, engine)
 
     @classmethod

@@ -9,6 +9,7 @@
 The training loop itself lives in `scripts/train.py`, in one file a newcomer can read top to bottom.
 """
 
+from ..atomic_files import write_text_atomic  # re-exported: train.py writes its metrics with it
 from .checkpoint import (
     CheckpointError,
     is_checkpoint,
@@ -17,7 +18,6 @@ from .checkpoint import (
     remove_stale_temporaries,
     resolve_checkpoint,
     write_checkpoint,
-    write_text_atomic,
 )
 from .data import (
     CaptionBatchCollator,

@@ -225,21 +225,6 @@ def remove_stale_temporaries(checkpoints_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes a small file via a temporary file and a rename: readers see the old or the new content."""
-    path = Path(path)
-    temporary = path.with_name(f"{_TEMPORARY_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 __all__ = [
     "CHECKPOINT_PREFIX",
     "STATE_FILE",
@@ -254,5 +239,4 @@ __all__ = [
     "remove_stale_temporaries",
     "resolve_checkpoint",
     "write_checkpoint",
-    "write_text_atomic",
 ]
