@@ -199,12 +199,18 @@ def test_a_writer_lock_held_elsewhere_is_a_clear_error(index):
 KILLED_WRITER = textwrap.dedent(
     """
     import importlib.util
+    import os
     import sys
+    import types
 
-    # The module alone, by its path: importing the package would load torch, seconds before the first add.
-    spec = importlib.util.spec_from_file_location("caption_index", sys.argv[2])
+    # The module and what it imports (atomic_files) by their path, under a bare package: importing the real
+    # package would run its __init__ and load torch, seconds before the first add.
+    package = types.ModuleType("show_attend_tell")
+    package.__path__ = [os.path.dirname(sys.argv[2])]
+    sys.modules["show_attend_tell"] = package
+    spec = importlib.util.spec_from_file_location("show_attend_tell.caption_index", sys.argv[2])
     module = importlib.util.module_from_spec(spec)
-    sys.modules["caption_index"] = module
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     CaptionIndex, IndexedPicture = module.CaptionIndex, module.IndexedPicture
 
