@@ -66,7 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on"
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps",
+    )
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -95,11 +99,10 @@ def figure_to_image(fig: Any) -> Any:
     """A matplotlib figure as a PIL image (what gr.Image shows), the figure released afterwards."""
     from PIL import Image
 
+    from show_attend_tell.visualization import write_png
+
     buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=fig.dpi)
-    finally:
-        fig.clear()
+    write_png(fig, buffer)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
 
@@ -248,17 +251,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print(f"{PROG}: error: the web demo needs Gradio: pip install gradio", file=sys.stderr)
         return 2
-    import torch
     from transformers.utils import logging as transformers_logging
 
+    from show_attend_tell.device import pick_device
     from show_attend_tell.hub import UnsafeWeightsError
-    from show_attend_tell.retrieval import IMAGE_SUFFIXES, CaptionRetriever, ImageGallery
+    from show_attend_tell.image_processing_show_attend_tell import image_files
+    from show_attend_tell.retrieval import CaptionRetriever, ImageGallery
     from show_attend_tell.serve import Captioner
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     logging.basicConfig(format=f"{PROG}: %(levelname)s: %(message)s", level=logging.WARNING)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        print(f"{PROG}: error: --device {error}", file=sys.stderr)
+        return 2
     try:
         captioner = Captioner.from_pretrained(
             str(args.model), device=device, trust_remote_code=args.trust_remote_code
@@ -270,9 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     retriever = None
     examples: list[Path] = []
     if args.examples is not None:
-        examples = sorted(
-            p for p in args.examples.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        examples = image_files(args.examples)
         try:
             retriever = CaptionRetriever(
                 captioner.model,

@@ -54,8 +54,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from show_attend_tell.atomic_files import open_atomically
 from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor, set_decoding_options
-from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
+from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, image_files, load_image
 from show_attend_tell.overlapped_generation import generate_overlapped
 from show_attend_tell.pipeline_show_attend_tell import words_and_attention
 
@@ -75,7 +76,6 @@ exit status:
   2  a usage error, or the model could not be loaded
 """
 #: Extensions picked up when a folder is scanned (a file named explicitly is always tried).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _SHORT_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
@@ -136,9 +136,8 @@ class Inputs:
 
 
 def _scan_folder(folder: Path) -> list[str]:
-    return sorted(
-        str(path) for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    # Sorted as strings, not as paths: the order caption.py has always written rows in.
+    return sorted(str(path) for path in image_files(folder))
 
 
 def _expand(argument: str) -> list[str]:
@@ -218,11 +217,7 @@ class ImageSource(Dataset):
         source = self.inputs.sources[position]
         try:
             if self.inputs.dataset is not None:
-                stored = self.inputs.dataset[int(source)]["image"]
-                data = stored.get("bytes") or stored.get("path")
-                if not data:
-                    raise ImageLoadError(f"{key}: the dataset row holds no image")
-                image = load_image(data, name=key)
+                image = load_image(self.inputs.dataset[int(source)]["image"], name=key)  # a datasets cell
             else:
                 image = load_image(source)
             pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
@@ -316,9 +311,8 @@ def merge_rows(output: Path, keys: Sequence[str]) -> tuple[int, int, list[str]]:
     handles = [open(path, "rb") for path in files]  # noqa: SIM115 - closed below, all together
     captioned = failed = 0
     missing: list[str] = []
-    fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open_atomically(output, "wb") as out:
 
             def copy(entry: tuple[bool, int, int]) -> None:
                 handle = handles[entry[1]]
@@ -335,13 +329,6 @@ def merge_rows(output: Path, keys: Sequence[str]) -> tuple[int, int, list[str]]:
                 failed += not entry[0]
             for entry in sorted(best.values(), key=lambda e: (e[1], e[2])):
                 copy(entry)  # earlier results for images not asked for this time: kept, after the others
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
     finally:
         for handle in handles:
             handle.close()

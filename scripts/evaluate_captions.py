@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -310,21 +309,6 @@ def dataset_display_name(dataset: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Captioning
 # --------------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> Any:
-    import torch
-
-    if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EvaluationError(f"--device {name}: CUDA is not available here")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load_model(path: str, device: Any, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -662,23 +646,11 @@ def card_results(
 
 def update_model_card(card_path: Path, eval_results: dict[str, Any]) -> None:
     """Rewrites the card's model-index metadata and results table with `eval_results` (hub.py's renderer)."""
+    from show_attend_tell.atomic_files import write_text_atomic
     from show_attend_tell.hub import render_model_card
 
     card = render_model_card(card_path.read_text(encoding="utf-8"), eval_results=eval_results)
-    write_atomically(card_path, card if card.endswith("\n") else card + "\n")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(card_path, card if card.endswith("\n") else card + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -727,7 +699,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        device = pick_device(args.device)
+        from show_attend_tell.device import pick_device
+
+        try:
+            device = pick_device(args.device)
+        except ValueError as error:
+            raise EvaluationError(f"--device {error}") from None
         if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise EvaluationError("--bf16: this GPU does not support bfloat16")
         model, processor = load_model(args.model, device, args.trust_remote_code)
@@ -812,7 +789,9 @@ def run(args: argparse.Namespace) -> int:
     if retrieval is not None:
         report["retrieval"] = retrieval
     if args.output is not None:
-        write_atomically(args.output, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        from show_attend_tell.atomic_files import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"results written to {args.output}")
     if scoring_error is not None:
         raise scoring_error

@@ -89,7 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, help="where the image features are cached")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+        "--device",
+        default="auto",
+        help="auto (default: CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps",
     )
     args = parser.parse_args(argv)
     if args.index is None and args.images is None and args.dataset is None:
@@ -120,10 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in INDEX_COMMANDS:
         return index_main(argv[0], argv[1:])
     args = parse_args(argv)
-    import torch
     from transformers.utils import logging as transformers_logging
 
     from show_attend_tell.caption_index import CaptionIndexError
+    from show_attend_tell.device import pick_device
     from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
     from show_attend_tell.retrieval import (
         CaptionRetriever,
@@ -143,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        return fail(f"--device {error}")
     try:
         model, processor = load_model_and_processor(
             args.model, device=device, trust_remote_code=args.trust_remote_code

@@ -62,6 +62,7 @@ from show_attend_tell import (
     ShowAttendTellTokenizer,
 )
 from show_attend_tell.data import DatasetDownloadError, load_caption_dataset
+from show_attend_tell.image_processing_show_attend_tell import load_image
 from show_attend_tell.saving import recover_directory, save_model_folder
 from show_attend_tell.training import (
     MODEL_SIZES,
@@ -74,7 +75,6 @@ from show_attend_tell.training import (
     FrozenEncoderFeatures,
     build_model_config,
     check_training_rows,
-    decode_image,
     feature_cache_key,
     generate_captions,
     list_checkpoints,
@@ -370,7 +370,7 @@ def validate(args, accelerator, model, processor, val_split) -> dict[str, Any]:
     images, rows, bad = [], [], 0
     for row in range(accelerator.process_index, len(val_split), accelerator.num_processes):
         try:
-            images.append(decode_image(raw_images[row]["image"]))
+            images.append(load_image(raw_images[row]["image"]))
             rows.append(row)
         except Exception:  # skipped like a bad training image
             bad += 1

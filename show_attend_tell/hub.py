@@ -840,7 +840,7 @@ def attention_figure_png(
     **generate_kwargs: Any,
 ) -> tuple[bytes, str]:
     """Captions `image` and draws the attention figure; returns the PNG bytes and the caption."""
-    from .visualization import plot_attention
+    from .visualization import plot_attention, write_png
 
     inputs = processor(images=image, return_tensors="pt").to(model.device)
     with torch.no_grad():
@@ -853,8 +853,7 @@ def attention_figure_png(
     words, maps = words_and_attention(outputs.sequences[0], outputs.attention_maps[0], processor.tokenizer)
     figure = plot_attention(image, words, maps if len(words) else np.zeros((0, maps.shape[-1]), np.float32))
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=figure.dpi)
-    figure.clear()
+    write_png(figure, buffer)
     return buffer.getvalue(), " ".join(words)
 
 

@@ -12,6 +12,8 @@ import threading
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -32,8 +34,41 @@ MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 DEFAULT_URL_TIMEOUT = 30.0
 
 
+#: File name endings that folder scans read as pictures (compared in lower case); Pillow reads them all.
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+)
+
+
+def image_files(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """
+    The pictures in `folder` (and its subfolders unless `recursive=False`), sorted: files whose suffix is in
+    `IMAGE_SUFFIXES` in any case. Hidden files (a name starting with a dot, such as macOS's `._photo.jpg`
+    companions or a writer's temporary file) are left out.
+    """
+    root = Path(folder)
+    found = root.rglob("*") if recursive else root.iterdir()
+    return sorted(
+        path
+        for path in found
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+
+
 class ImageLoadError(ValueError):
-    """An image that cannot be used. The message is one line: which image, then why."""
+    """
+    An image that cannot be used. The message is one line, `"<image>: <reason>"`; `image` and `reason` are
+    also kept apart, for a caller that names the image itself (by its dataset id, say).
+    """
+
+    def __init__(self, image: str, reason: str) -> None:
+        super().__init__(f"{image}: {reason}")
+        self.image = image
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Pickled across DataLoader worker processes: rebuilt from both parts, not from the joined message.
+        return type(self), (self.image, self.reason)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -63,7 +98,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def describe_image_error(error: BaseException) -> str:
     """A short, one-line reason for an exception raised while reading or converting an image."""
     if isinstance(error, ImageLoadError):
-        return str(error)
+        return error.reason
     if isinstance(error, Image.DecompressionBombError):
         found = re.search(r"\((\d+) pixels\)", str(error))
         pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
@@ -197,22 +232,22 @@ def _download(url: str, timeout: float | None) -> bytes:
                 size += len(chunk)
                 if size > MAX_DOWNLOAD_BYTES:
                     raise ImageLoadError(
-                        f"{url}: larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB, not downloaded"
+                        url, f"larger than {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB, not downloaded"
                     )
                 chunks.append(chunk)
     except urllib.error.HTTPError as error:  # before URLError: it is a subclass
-        raise ImageLoadError(f"{url}: HTTP error {error.code} {error.reason}") from None
+        raise ImageLoadError(url, f"HTTP error {error.code} {error.reason}") from None
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, a cut-off body
         if not deadline.expired:
             reason = " ".join(str(getattr(error, "reason", error)).split()) or type(error).__name__
-            raise ImageLoadError(f"{url}: download failed ({reason})") from None
+            raise ImageLoadError(url, f"download failed ({reason})") from None
     if deadline.expired:  # the shut-down socket may also read as the end of the body
-        raise ImageLoadError(f"{url}: download took longer than {limit:g} s in all, stopped")
+        raise ImageLoadError(url, f"download took longer than {limit:g} s in all, stopped")
     return b"".join(chunks)
 
 
 def load_image(
-    source: str | os.PathLike | bytes | IO[bytes] | Image.Image,
+    source: str | os.PathLike | bytes | IO[bytes] | Image.Image | Mapping[str, Any],
     *,
     timeout: float | None = None,
     name: str | None = None,
@@ -220,7 +255,8 @@ def load_image(
     """
     Reads one picture and returns it fully decoded as an upright RGB image (see `to_rgb`).
 
-    `source` is a file path, an http(s) URL, the file's bytes, a binary file object, or a PIL image. Anything
+    `source` is a file path, an http(s) URL, the file's bytes, a binary file object, a PIL image, or a cell of a
+    `datasets.Image` column read with `decode=False` (`{"bytes": ..., "path": ...}`). Anything
     that cannot be used raises `ImageLoadError` with a one-line message naming the image (`name`, or the path or
     URL) and the reason: missing or empty file, not an image, truncated data, or more pixels than Pillow's
     decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, which a caller may raise for huge scans).
@@ -232,7 +268,14 @@ def load_image(
         try:
             return to_rgb(source)
         except Exception as error:
-            raise ImageLoadError(f"{label}: {describe_image_error(error)}") from error
+            raise ImageLoadError(label, describe_image_error(error)) from error
+
+    if isinstance(source, Mapping):
+        # A `datasets.Image` cell read with decode=False: the file's bytes, or its path when it was not embedded.
+        data, path = source.get("bytes"), source.get("path")
+        if data is None and not path:
+            raise ImageLoadError(name or "dataset row", "holds neither image bytes nor a path")
+        source, name = (data, name or path) if data is not None else (path, name)
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         label, stream, size = name or "image bytes", io.BytesIO(bytes(source)), len(source)
@@ -247,17 +290,18 @@ def load_image(
             try:
                 size = os.path.getsize(location)
             except OSError as error:
-                raise ImageLoadError(f"{label}: {describe_image_error(error)}") from None
+                raise ImageLoadError(label, describe_image_error(error)) from None
             stream = location
     elif hasattr(source, "read"):
         label, stream, size = name or getattr(source, "name", None) or "image file object", source, None
     else:
         raise ImageLoadError(
-            f"{name or 'image'}: cannot read an image from {type(source).__name__} "
-            "(expected a path, an http(s) URL, bytes, a file object or a PIL image)"
+            name or "image",
+            f"cannot read an image from {type(source).__name__} "
+            "(expected a path, an http(s) URL, bytes, a file object, a PIL image or a datasets Image cell)",
         )
     if size == 0:
-        raise ImageLoadError(f"{label}: empty file (0 bytes)")
+        raise ImageLoadError(label, "empty file (0 bytes)")
 
     try:
         with warnings.catch_warnings():
@@ -269,13 +313,13 @@ def load_image(
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and width * height > limit:
                     raise ImageLoadError(
-                        f"{label}: {_bomb_reason(f'{width} x {height} = {width * height:,} pixels')}"
+                        label, _bomb_reason(f"{width} x {height} = {width * height:,} pixels")
                     )
                 return to_rgb(image)
     except ImageLoadError:
         raise
     except Exception as error:
-        raise ImageLoadError(f"{label}: {describe_image_error(error)}") from error
+        raise ImageLoadError(label, describe_image_error(error)) from error
 
 
 def _image_label(image: Any, index: int) -> str:
@@ -399,7 +443,7 @@ class ShowAttendTellImageProcessor(BaseImageProcessor):
                 raise  # load_image already named the file
             except Exception as error:
                 # Truncated data surfaces only when Pillow decodes, here; say which image of the batch it was.
-                raise ImageLoadError(f"{_image_label(image, i)}: {describe_image_error(error)}") from error
+                raise ImageLoadError(_image_label(image, i), describe_image_error(error)) from error
         if len({array.shape for array in pixel_values}) == 1:
             pixel_values = np.stack(pixel_values)
         elif return_tensors is not None:

@@ -49,8 +49,8 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutput
 
-from .image_processing_show_attend_tell import describe_image_error, load_image
-from .visualization import DISPLAY_SIZE, attention_overlays
+from .image_processing_show_attend_tell import IMAGE_SUFFIXES, describe_image_error, image_files, load_image
+from .visualization import DISPLAY_SIZE, attention_overlays, write_png
 
 if TYPE_CHECKING:  # annotations only: matplotlib and datasets are optional
     from datasets import Dataset
@@ -80,12 +80,6 @@ __all__ = [
     "score_captions",
     "tokenize_queries",
 ]
-
-#: File suffixes read as images in a gallery folder. Kept here rather than imported from
-#: ``show_attend_tell.data``, which needs the optional ``datasets`` package.
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-)
 
 #: Bumped whenever what the cache stores changes, so older files are recomputed instead of misread.
 CACHE_FORMAT = "show_attend_tell.retrieval.features.v1"
@@ -163,12 +157,7 @@ class ImageGallery:
         root = Path(folder).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        pattern = "**/*" if recursive else "*"
-        paths = sorted(
-            p
-            for p in root.glob(pattern)
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
+        paths = image_files(root, recursive=recursive)
         if not paths:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
         ids = [p.relative_to(root).as_posix() for p in paths]
@@ -1030,12 +1019,7 @@ def save_search_figure(
 ) -> Path:
     """Draws :func:`plot_search_results` (same keyword arguments) and writes it as a PNG; returns the path."""
     path = Path(path)
-    fig = plot_search_results(result, gallery, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, format="png", dpi=fig.dpi)
-    finally:
-        fig.clear()
+    write_png(plot_search_results(result, gallery, **kwargs), path)
     return path
 
 

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .device import pick_device
 from .image_processing_show_attend_tell import describe_image_error, to_rgb
 from .pipeline_show_attend_tell import words_and_attention
 
@@ -177,12 +178,13 @@ class Captioner:
         trust_remote_code: bool = False,
     ) -> Captioner:
         """
-        Loads a model folder (safetensors only) onto ``device`` (default: CUDA when available) with
-        `load_model_and_processor`: the folder's code files run only with ``trust_remote_code``.
+        Loads a model folder (safetensors only) onto ``device`` (`pick_device`'s choice: by default CUDA, then
+        Apple MPS, then the CPU) with `load_model_and_processor`: the folder's code files run only with
+        ``trust_remote_code``. A device this machine lacks raises ValueError (one line).
         """
         from .hub import load_model_and_processor
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(device)
         model, processor = load_model_and_processor(
             model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code
         )
@@ -897,7 +899,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+        "--device",
+        default="auto",
+        help="auto (default: CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument(
@@ -1001,9 +1005,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        print(f"--device {error}", file=sys.stderr)
+        return 2
+    try:
         captioner = Captioner.from_pretrained(
             args.model,
-            device=args.device,
+            device=device,
             dtype=getattr(torch, args.dtype),
             trust_remote_code=args.trust_remote_code,
         )

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # imported for annotations only: matplotlib is optional
     import torch
     from matplotlib.figure import Figure
 
-__all__ = ["DISPLAY_SIZE", "attention_overlays", "plot_attention", "save_attention_figure"]
+__all__ = ["DISPLAY_SIZE", "attention_overlays", "plot_attention", "save_attention_figure", "write_png"]
 
 #: Side of the square the image processor resizes images to, and so the default display size.
 DISPLAY_SIZE = 256
@@ -398,11 +399,20 @@ def save_attention_figure(
     """
     path = Path(path)
     fig = plot_attention(image, words, attention, **kwargs)  # first: bad input leaves no folder behind
-    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(fig, path)
+    return path
+
+
+def write_png(fig: Figure, target: str | os.PathLike | IO[bytes]) -> None:
+    """
+    Writes `fig` as a PNG at the figure's own `dpi` to `target` (a path, whose folders are created, or a binary
+    file object such as `io.BytesIO`), then clears the figure: every figure the package draws is saved this way.
+    """
+    if isinstance(target, (str, os.PathLike)):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, format="png", dpi=fig.dpi)
+        fig.savefig(target, format="png", dpi=fig.dpi)
     finally:
         # Not created through pyplot, so nothing global holds the figure: clearing it releases the
         # images and text it holds even if the caller keeps a reference to something inside.
         fig.clear()
-    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import pickle
 import re
 import struct
 import sys
@@ -19,11 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from transformers import pipeline
 
 from show_attend_tell import ShowAttendTellImageProcessor
-from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
+from show_attend_tell.image_processing_show_attend_tell import (
+    IMAGE_SUFFIXES,
+    ImageLoadError,
+    describe_image_error,
+    image_files,
+    load_image,
+)
 from show_attend_tell.saving import save_model_folder
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "caption.py"
@@ -127,6 +136,15 @@ def bad_images(tmp_path_factory) -> dict[str, Path]:
     return make_bad_images(tmp_path_factory.mktemp("bad-images"))
 
 
+def _small_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (6, 4), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_SMALL_PNG = _small_png()  # cut anywhere, with junk after it: the truncation cases hypothesis explores
+
+
 # --- loading and the processor ---------------------------------------------------------------------
 
 
@@ -193,6 +211,64 @@ def test_a_missing_file_a_folder_and_an_unknown_type_are_named(tmp_path):
             load_image(source)
     with pytest.raises(ImageLoadError, match="cannot read an image from int"):
         load_image(42)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_a_datasets_image_cell_loads_like_its_file(name, bad_images):
+    # What training, evaluation and caption.py --dataset read: a datasets.Image cell (decode=False), with the
+    # bytes embedded or only the file's path. Same picture, or the same reason, as the file itself.
+    path = bad_images[name]
+    cells = [{"bytes": path.read_bytes(), "path": "photos/" + name}, {"bytes": None, "path": str(path)}]
+    for cell in cells:
+        if EXPECTED[name] is None:
+            assert np.array_equal(np.asarray(load_image(cell)), np.asarray(load_image(path)))
+            continue
+        with pytest.raises(ImageLoadError) as from_file:
+            load_image(path)
+        with pytest.raises(ImageLoadError) as from_cell:
+            load_image(cell, name="row 7")
+        assert str(from_cell.value) == f"row 7: {from_file.value.reason}"
+        assert from_cell.value.reason == from_file.value.reason and "\n" not in from_cell.value.reason
+    with pytest.raises(ImageLoadError, match=r"^row 7: holds neither image bytes nor a path$"):
+        load_image({"bytes": None, "path": None}, name="row 7")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=300), st.builds(lambda n, tail: _SMALL_PNG[:n] + tail,
+    st.integers(0, len(_SMALL_PNG)), st.binary(max_size=20))))  # fmt: skip
+def test_any_bytes_give_a_picture_or_one_line_that_names_it(data: bytes) -> None:
+    try:
+        image = load_image(data, name="upload 3")
+    except ImageLoadError as error:
+        message = str(error)
+        assert message == f"upload 3: {error.reason}" and "\n" not in message and error.reason
+        assert describe_image_error(error) == error.reason  # the one wording, without the name
+        copy = pickle.loads(pickle.dumps(error))  # crosses DataLoader worker processes whole
+        assert (type(copy), str(copy), copy.image, copy.reason) == (
+            ImageLoadError,
+            message,
+            "upload 3",
+            error.reason,
+        )
+    else:
+        assert image.mode == "RGB"
+
+
+def test_image_files_finds_the_pictures_of_a_folder(tmp_path):
+    for relative in ["b.png", "A.JPG", "sub/c.webp", "sub/deeper/d.TIFF", ".hidden.jpg", "._a.jpg",
+                     "notes.txt", "sub/no_suffix", ".cache/e.png"]:  # fmt: skip
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    (tmp_path / "folder.jpg").mkdir()  # a folder whose name looks like a picture
+    assert [p.relative_to(tmp_path).as_posix() for p in image_files(tmp_path)] == [
+        ".cache/e.png",
+        "A.JPG",
+        "b.png",
+        "sub/c.webp",
+        "sub/deeper/d.TIFF",
+    ]
+    assert [p.name for p in image_files(tmp_path, recursive=False)] == ["A.JPG", "b.png"]
+    assert {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp"} == IMAGE_SUFFIXES
 
 
 # --- the pipeline --------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 from show_attend_tell.data import make_synthetic_dataset, write_parquet
 from show_attend_tell.data.common import list_feature
+from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
 from show_attend_tell.training import (
     CaptionBatchCollator,
     CaptionTrainingDataset,
@@ -990,7 +991,11 @@ def test_collator_leaves_out_undecodable_images(data_cache: Path) -> None:
     )
     batch = CaptionBatchCollator(tokenizer.pad_token_id, 32)([data[0], data[1], data[2]])
     assert batch["rows"].tolist() == [0, 2]
-    assert batch["bad_ids"] == [rows[1]["image_id"]] and "UnidentifiedImageError" in batch["bad_reasons"][0]
+    assert batch["bad_ids"] == [rows[1]["image_id"]]
+    with pytest.raises(ImageLoadError) as refused:
+        load_image(rows[1]["image"])
+    # The reason in the words every entry point uses (load_image's), without the name: the id is beside it.
+    assert batch["bad_reasons"] == [refused.value.reason] and "not an image file" in refused.value.reason
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["input_ids"].shape[0] == 2 * 3  # 3 captions of each usable picture, grouped by picture
     assert (batch["input_ids"][:, 0] == tokenizer.bos_token_id).all()

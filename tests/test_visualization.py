@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from show_attend_tell.visualization import (
     attention_overlays,
     plot_attention,
     save_attention_figure,
+    write_png,
 )
 
 GRID = 8  # the demo model's grid; the specification's 14 x 14 is covered where the size matters
@@ -192,6 +194,21 @@ def test_save_writes_a_png_of_the_expected_size(tmp_path) -> None:
     assert width == round(4 * 1.5 * 80)  # columns * panel_size * dpi
     # Three rows of square panels plus their titles: at least the panels, and not much more.
     assert 3 * 1.5 * 80 <= height <= 3 * 1.5 * 80 * 1.5
+
+
+def test_write_png_to_a_path_or_a_buffer_at_the_figures_dpi_and_clears_it(tmp_path) -> None:
+    # The one way figures become PNGs (attention figures, search figures, the web demo, the model card).
+    maps = np.random.default_rng(1).dirichlet(np.ones(GRID * GRID), size=2)
+    sizes = []
+    for target in (tmp_path / "new" / "folder" / "fig.png", io.BytesIO()):
+        fig = plot_attention(grey_image(), ["a", "dog"], maps, columns=3, panel_size=1.0, dpi=50)
+        write_png(fig, target)
+        assert not fig.axes  # released: a script drawing thousands of figures does not grow
+        data = target.read_bytes() if isinstance(target, Path) else target.getvalue()
+        with Image.open(io.BytesIO(data)) as png:
+            assert png.format == "PNG"
+            sizes.append(png.size)
+    assert sizes[0] == sizes[1] and sizes[0][0] == 3 * 50
 
 
 def test_mismatched_shapes_raise_clear_errors(tmp_path) -> None:

@@ -9,10 +9,11 @@ from typing import Any
 
 from datasets import DatasetDict
 
+from ..image_processing_show_attend_tell import image_files
 from .common import select_splits
 from .flickr30k import FLICKR30K_REPO_ID, load_flickr30k
 from .karpathy import load_karpathy_json
-from .local import IMAGE_EXTENSIONS, load_image_folder_captions, load_parquet_captions
+from .local import load_image_folder_captions, load_parquet_captions
 from .synthetic import SYNTHETIC_DEFAULT_SIZES, make_synthetic_dataset
 
 #: Source names that are not paths. ``karpathy``, ``parquet`` and ``imagefolder`` take the path
@@ -26,7 +27,7 @@ def _find_karpathy_json(directory: Path) -> Path | None:
 
 
 def _has_images(directory: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in directory.rglob("*") if p.is_file())
+    return bool(image_files(directory))
 
 
 def _reject(option: str, value: object, source: str) -> None:

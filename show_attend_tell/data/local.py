@@ -37,11 +37,6 @@ from .common import (
 )
 from .flickr30k import flickr30k_to_caption_dataset, is_flickr30k_hub_schema
 
-#: File extensions that the image-folder loader treats as images.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-)
-
 
 def _split_from_path(path: Path, root: Path) -> str | None:
     """The split a file's name or folders name, looking at the file name first, then folders."""

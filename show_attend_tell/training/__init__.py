@@ -26,7 +26,6 @@ from .data import (
     EpochBatchSampler,
     RowCheck,
     check_training_rows,
-    decode_image,
     mix_seed,
     usable_captions,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "attention_localisation",
     "build_model_config",
     "check_training_rows",
-    "decode_image",
     "feature_cache_key",
     "generate_captions",
     "is_checkpoint",

@@ -17,7 +17,6 @@ from its batch by the collator, which reports it so that the training loop can c
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,46 +26,14 @@ import numpy as np
 import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
-from PIL import Image
 
-from ..image_processing_show_attend_tell import ShowAttendTellImageProcessor, to_rgb
+from ..image_processing_show_attend_tell import ShowAttendTellImageProcessor, describe_image_error, load_image
 from ..tokenization_show_attend_tell import DEFAULT_MAX_CAPTION_WORDS, ShowAttendTellTokenizer
 from .feature_cache import FeatureCache
 
 
 class DataError(ValueError):
     """The data cannot be trained on (for example: most rows are unusable)."""
-
-
-def decode_image(value: Any) -> Image.Image:
-    """
-    An upright RGB picture from a dataset cell: `{"bytes": ..., "path": ...}` (a `datasets.Image` column
-    read with `decode=False`), a path, raw bytes or a PIL image. The whole file is decoded here
-    (`Image.load`), so a truncated file fails now rather than later inside the image processor.
-    """
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-        elif isinstance(value, (bytes, bytearray)):
-            data, path = bytes(value), None
-        else:
-            data, path = None, value
-        if data:
-            image = Image.open(io.BytesIO(data))
-        elif path:
-            image = Image.open(path)
-        else:
-            raise ValueError("the row holds neither image bytes nor a path")
-    image.load()
-    return to_rgb(image)
-
-
-def describe_image_error(error: BaseException) -> str:
-    """One line for a log: the exception's type and message."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,8 +119,8 @@ def check_training_rows(
     bad_rows = set()
     for row in sample:
         try:
-            decode_image(images[row]["image"])
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+            load_image(images[row]["image"])
+        except Exception as error:  # ImageLoadError, or anything a strange file makes a Pillow plugin raise
             check.bad_image_ids[ids[row]] = describe_image_error(error)
             bad_rows.add(row)
     check.sampled_images = len(sample)
@@ -306,7 +273,7 @@ class CaptionTrainingDataset(torch.utils.data.Dataset):
             item["error"] = "undecodable (found in an earlier epoch)"
             return item
         try:
-            image = decode_image(self.images[row]["image"])
+            image = load_image(self.images[row]["image"])
             item["pixel_values"] = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
         except Exception as error:  # any decoding failure skips the row; see describe_image_error
             item["error"] = describe_image_error(error)
@@ -419,8 +386,6 @@ __all__ = [
     "TokenizedCaptions",
     "check_training_rows",
     "choose_captions",
-    "decode_image",
-    "describe_image_error",
     "mix_seed",
     "tokenize_captions",
     "usable_captions",
