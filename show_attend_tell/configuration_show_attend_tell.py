@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import PretrainedConfig, ResNetConfig
 
-# ResNet depths per stage, keyed by the torchvision name of the network they describe.
-RESNET_DEPTHS = {
-    "resnet50": [3, 4, 6, 3],
-    "resnet101": [3, 4, 23, 3],
-    "resnet152": [3, 8, 36, 3],
+# The encoder of the specification: ResNet-101 as transformers' `ResNetConfig` describes it (the network of
+# torchvision's `resnet101`, whose ImageNet weights `imagenet_weights_show_attend_tell.py` loads).
+RESNET101: dict[str, Any] = {
+    "depths": [3, 4, 23, 3],
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "layer_type": "bottleneck",
+    "embedding_size": 64,
 }
 
 PAD_TOKEN_ID = 0
@@ -86,12 +89,7 @@ class ShowAttendTellConfig(PretrainedConfig):
         **kwargs: Any,
     ) -> None:
         if encoder_config is None:
-            encoder_config = ResNetConfig(
-                depths=RESNET_DEPTHS["resnet101"],
-                hidden_sizes=[256, 512, 1024, 2048],
-                layer_type="bottleneck",
-                embedding_size=64,
-            )
+            encoder_config = ResNetConfig(**copy.deepcopy(RESNET101))  # lists of its own
         elif isinstance(encoder_config, dict):
             encoder_config = {key: value for key, value in encoder_config.items() if key != "model_type"}
             encoder_config = ResNetConfig(**encoder_config)

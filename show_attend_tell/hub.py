@@ -571,7 +571,7 @@ def _encoder_name(config: Any) -> str:
     """ "ResNet-101" for the standard depths, else the stage depths and widths of the checkpoint's ResNet."""
     encoder = config.encoder_config
     try:
-        from .modeling_show_attend_tell import resnet_architecture_name
+        from .imagenet_weights_show_attend_tell import resnet_architecture_name
 
         return resnet_architecture_name(config).replace("resnet", "ResNet-")
     except ValueError:

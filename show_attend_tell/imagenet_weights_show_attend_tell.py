@@ -7,28 +7,27 @@ import re
 import torch
 from torch import nn
 
-from .configuration_show_attend_tell import RESNET_DEPTHS, ShowAttendTellConfig
+from .configuration_show_attend_tell import RESNET101, ShowAttendTellConfig
 
-# torchvision's ImageNet checkpoints (the file name is what torchvision caches them under).
-TORCHVISION_RESNET_URLS = {
-    ("resnet50", "IMAGENET1K_V1"): "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    ("resnet50", "IMAGENET1K_V2"): "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-    ("resnet101", "IMAGENET1K_V1"): "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-    ("resnet101", "IMAGENET1K_V2"): "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
-    ("resnet152", "IMAGENET1K_V1"): "https://download.pytorch.org/models/resnet152-394f9c45.pth",
-    ("resnet152", "IMAGENET1K_V2"): "https://download.pytorch.org/models/resnet152-f82ba261.pth",
-}
+# torchvision's `ResNet101_Weights.IMAGENET1K_V1`: the checkpoint of `torchvision.models.resnet101(pretrained=True)`,
+# which the specification's implementation used (the file name is what torchvision caches it under).
+RESNET101_IMAGENET_URL = "https://download.pytorch.org/models/resnet101-63fe2227.pth"
+
+
+def _listed(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value  # a config built in Python may hold tuples
 
 
 def resnet_architecture_name(config: ShowAttendTellConfig) -> str:
-    """The torchvision name of the encoder's ResNet ("resnet101"), or a ValueError if there is none."""
-    depths = list(config.encoder_config.depths)
-    for name, known_depths in RESNET_DEPTHS.items():
-        if depths == known_depths and config.encoder_config.layer_type == "bottleneck":
-            return name
+    """ "resnet101" when the encoder is torchvision's ResNet-101 (the only one with ImageNet weights here), else
+    a one-line ValueError."""
+    encoder = config.encoder_config
+    if all(_listed(getattr(encoder, key)) == value for key, value in RESNET101.items()):
+        return "resnet101"
     raise ValueError(
-        f"No torchvision ImageNet checkpoint matches an encoder with depths {depths}; "
-        f"supported: {', '.join(f'{name} {d}' for name, d in RESNET_DEPTHS.items())}"
+        f"No torchvision ImageNet checkpoint matches an encoder with depths {list(encoder.depths)} and widths "
+        f"{list(encoder.hidden_sizes)}: ImageNet weights are loaded for ResNet-101 only "
+        f"(depths {RESNET101['depths']}, widths {RESNET101['hidden_sizes']})"
     )
 
 
@@ -59,21 +58,14 @@ def convert_torchvision_resnet_state_dict(state_dict: dict[str, torch.Tensor]) -
     return renamed
 
 
-def load_torchvision_resnet(
-    resnet: nn.Module, config: ShowAttendTellConfig, variant: str = "IMAGENET1K_V1", progress: bool = True
-) -> None:
+def load_torchvision_resnet(resnet: nn.Module, config: ShowAttendTellConfig, progress: bool = True) -> None:
     """
-    Loads torchvision's ImageNet weights into the encoder's `ResNetModel` (downloaded once into
-    `$TORCH_HOME/hub/checkpoints`, under torchvision's own file name).
-
-    `IMAGENET1K_V1` is the checkpoint of `torchvision.models.resnet101(pretrained=True)`, the one the
-    specification's implementation used. The file is read with `weights_only=True`.
+    Loads torchvision's ImageNet weights of ResNet-101 into the encoder's `ResNetModel` (downloaded once into
+    `$TORCH_HOME/hub/checkpoints`, under torchvision's own file name, and read with `weights_only=True`).
     """
-    key = (resnet_architecture_name(config), variant)
-    if key not in TORCHVISION_RESNET_URLS:
-        raise ValueError(f"unknown ImageNet weights {variant!r}; choose IMAGENET1K_V1 or IMAGENET1K_V2")
+    resnet_architecture_name(config)  # a one-line error before any download for another encoder
     state_dict = torch.hub.load_state_dict_from_url(
-        TORCHVISION_RESNET_URLS[key], progress=progress, map_location="cpu", weights_only=True
+        RESNET101_IMAGENET_URL, progress=progress, map_location="cpu", weights_only=True
     )
     resnet.load_state_dict(convert_torchvision_resnet_state_dict(state_dict), strict=True)
 

@@ -24,26 +24,20 @@ Inference without gradients takes a faster route through the same function, kept
 from __future__ import annotations
 
 import inspect
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, ResNetModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
-from .configuration_show_attend_tell import PIPELINE_DECLARATION, ShowAttendTellConfig
-from .imagenet_weights_show_attend_tell import (  # the names callers import from here stay importable
-    convert_torchvision_resnet_state_dict,
-    load_torchvision_resnet,
-    resnet_architecture_name,  # noqa: F401
-)
+from .configuration_show_attend_tell import ShowAttendTellConfig
+from .imagenet_weights_show_attend_tell import convert_torchvision_resnet_state_dict, load_torchvision_resnet
+from .saving_show_attend_tell import copy_files, declare_folder_pipeline
 
 try:  # transformers 5.x: initialisers that leave weights loaded from a checkpoint untouched
     from transformers import initialization as init
@@ -59,139 +53,6 @@ except ImportError:
 # which changed inside transformers 5.x ("past_key_values" up to 5.2x, then "cache"). A state returned
 # under the other name would be silently dropped and decoding would restart from scratch every step.
 CACHE_NAME: str = _ALL_CACHE_NAMES[0]
-
-# The image-to-text auto class is AutoModelForVision2Seq in transformers 4.x and
-# AutoModelForImageTextToText in 5.x (late 4.x has both).
-IMAGE_TO_TEXT_AUTO_CLASSES = [
-    name for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq") if hasattr(transformers, name)
-]
-
-# The private methods of transformers' GenerationMixin overridden here, where no public mechanism exists, with
-# why (tested on transformers 4.57 and 5.24; tests/test_transformers_conventions.py fails with a clear message
-# when a release renames or removes one, which would bypass the override silently).
-OVERRIDDEN_PRIVATE_METHODS = {
-    "_expand_inputs_for_generation": "keeps one copy of each image's features for all of its beams, and "
-    "repeats the rows of a cache being continued with more beams",
-    "_supports_default_dynamic_cache": "an LSTM state is not keys and values: generate() must not build a "
-    "DynamicCache",
-}
-OVERRIDDEN_PRIVATE_METHODS_PARAMETERS = {  # the parameters of the base methods the overrides rely on
-    "_expand_inputs_for_generation": {"expand_size", "is_encoder_decoder", "input_ids", "model_kwargs"},
-    "_supports_default_dynamic_cache": set(),
-}
-
-DEFAULT_NUM_BEAMS = 3
-DEFAULT_MAX_NEW_TOKENS = 51  # 50 words and <end>
-
-# --------------------------------------------------------------------------------------------------
-# Outputs and decoding state
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _ShowAttendTellOutputFields(ModelOutput):
-    """
-    Output of [`ShowAttendTellForConditionalGeneration.forward`].
-
-    Args:
-        loss (`()`, returned with `labels`): cross-entropy over the non-padding targets plus `alpha_c` times
-            the doubly-stochastic penalty.
-        logits (`(rows, steps, vocab_size)`): scores of the next word at every step.
-        decoder_hidden_states (`tuple` of one `(rows, steps, decoder_dim)`, *optional*): the LSTM outputs.
-        decoder_attentions: always `None` (the decoder does not attend over its own words).
-        cross_attentions (`tuple` of one `(rows, steps, num_pixels)`, *optional*): the attention over the
-            image grid at every step, one tensor per decoder layer (one layer), as for every transformers
-            encoder-decoder; each row sums to one.
-        attention_maps (`(rows, steps, num_pixels)`, *optional*): the same tensor, for convenience.
-        encoder_last_hidden_state (`(images, num_pixels, encoder_dim)`): the features attended over.
-        encoder_hidden_states (`tuple`, *optional*): the ResNet's stem and stage outputs.
-        cache / past_key_values (`ShowAttendTellCache`, *optional*): the decoding state after the last step,
-            under the name the installed transformers reads.
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
-    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
-    attention_maps: torch.FloatTensor | None = None
-    encoder_last_hidden_state: torch.FloatTensor | None = None
-    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-
-
-# The state field carries the name the installed generate() reads (see CACHE_NAME); declaring the other
-# name too would make transformers 5.2x warn on every forward.
-if CACHE_NAME == "cache":
-
-    @dataclass
-    class ShowAttendTellOutput(_ShowAttendTellOutputFields):
-        __doc__ = _ShowAttendTellOutputFields.__doc__
-        cache: ShowAttendTellCache | None = None
-
-else:
-
-    @dataclass
-    class ShowAttendTellOutput(_ShowAttendTellOutputFields):
-        __doc__ = _ShowAttendTellOutputFields.__doc__
-        past_key_values: ShowAttendTellCache | None = None
-
-
-class ShowAttendTellCache:
-    """
-    Decoding state of the LSTM decoder, carried between `generate()` steps, and between `generate()` calls
-    (pass the `cache` / `past_key_values` of one call's output to the next to continue its captions).
-
-    An LSTM has no keys and values: it carries its state `(hidden, cell)`, one row per decoded sequence, plus
-    the image features and their attention projection `W_e a`, computed once per image and shared by all
-    of that image's rows. Beam search only reorders rows within an image, so `reorder_cache` touches the
-    small per-row state and never the features.
-
-    Args:
-        features (`(images, num_pixels, encoder_dim)`), projected_features (`(images, num_pixels, attention_dim)`)
-        hidden, cell (`(rows, decoder_dim)`)
-        seq_length (`int`): how many tokens the state has consumed.
-    """
-
-    is_compileable = False  # read by generate() on CUDA; this state cannot be a static cache
-    # A recurrent state, like the linear-attention (Mamba/SSM) layers of transformers' caches: generate()
-    # hands a continued decoding the whole sequence and `prepare_inputs_for_generation` feeds the new tokens.
-    is_linear = (True,)
-
-    def __init__(
-        self,
-        features: torch.Tensor,
-        projected_features: torch.Tensor,
-        hidden: torch.Tensor,
-        cell: torch.Tensor,
-        seq_length: int = 0,
-    ) -> None:
-        self.features = features
-        self.projected_features = projected_features
-        self.hidden = hidden
-        self.cell = cell
-        self.seq_length = seq_length
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seq_length
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> ShowAttendTellCache:
-        """Selects the rows that survive a beam-search step, in place (generate ignores the return value)."""
-        beam_idx = beam_idx.to(self.hidden.device)
-        self.hidden = self.hidden.index_select(0, beam_idx)
-        self.cell = self.cell.index_select(0, beam_idx)
-        return self
-
-    def repeat_rows(self, copies: int) -> None:
-        """Gives every row `copies` consecutive copies, in place (a state continued with more beams)."""
-        self.hidden = self.hidden.repeat_interleave(copies, dim=0)
-        self.cell = self.cell.repeat_interleave(copies, dim=0)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(images={self.features.shape[0]}, rows={self.hidden.shape[0]}, "
-            f"seq_length={self.seq_length})"
-        )
-
 
 # --------------------------------------------------------------------------------------------------
 # Encoder
@@ -296,9 +157,9 @@ class ShowAttendTellEncoder(ShowAttendTellPreTrainedModel):
         for stage in list(stages)[len(stages) - num_stages :] if num_stages > 0 else []:
             stage.requires_grad_(True)
 
-    def load_imagenet_weights(self, variant: str = "IMAGENET1K_V1", progress: bool = True) -> None:
-        """Loads torchvision's ImageNet weights for this ResNet (see `load_torchvision_resnet`)."""
-        load_torchvision_resnet(self.resnet, self.config, variant, progress)
+    def load_imagenet_weights(self, progress: bool = True) -> None:
+        """Loads torchvision's ImageNet weights of ResNet-101 into this ResNet (see `load_torchvision_resnet`)."""
+        load_torchvision_resnet(self.resnet, self.config, progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,6 +224,63 @@ class ShowAttendTellAttention(GradientCheckpointingLayer):
         if row_ids is not None:
             context = context.index_select(0, row_ids)
         return context, alpha
+
+
+class ShowAttendTellCache:
+    """
+    Decoding state of the LSTM decoder, carried between `generate()` steps, and between `generate()` calls
+    (pass the `cache` / `past_key_values` of one call's output to the next to continue its captions).
+
+    An LSTM has no keys and values: it carries its state `(hidden, cell)`, one row per decoded sequence, plus
+    the image features and their attention projection `W_e a`, computed once per image and shared by all
+    of that image's rows. Beam search only reorders rows within an image, so `reorder_cache` touches the
+    small per-row state and never the features.
+
+    Args:
+        features (`(images, num_pixels, encoder_dim)`), projected_features (`(images, num_pixels, attention_dim)`)
+        hidden, cell (`(rows, decoder_dim)`)
+        seq_length (`int`): how many tokens the state has consumed.
+    """
+
+    is_compileable = False  # read by generate() on CUDA; this state cannot be a static cache
+    # A recurrent state, like the linear-attention (Mamba/SSM) layers of transformers' caches: generate()
+    # hands a continued decoding the whole sequence and `prepare_inputs_for_generation` feeds the new tokens.
+    is_linear = (True,)
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        projected_features: torch.Tensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+        seq_length: int = 0,
+    ) -> None:
+        self.features = features
+        self.projected_features = projected_features
+        self.hidden = hidden
+        self.cell = cell
+        self.seq_length = seq_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> ShowAttendTellCache:
+        """Selects the rows that survive a beam-search step, in place (generate ignores the return value)."""
+        beam_idx = beam_idx.to(self.hidden.device)
+        self.hidden = self.hidden.index_select(0, beam_idx)
+        self.cell = self.cell.index_select(0, beam_idx)
+        return self
+
+    def repeat_rows(self, copies: int) -> None:
+        """Gives every row `copies` consecutive copies, in place (a state continued with more beams)."""
+        self.hidden = self.hidden.repeat_interleave(copies, dim=0)
+        self.cell = self.cell.repeat_interleave(copies, dim=0)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(images={self.features.shape[0]}, rows={self.hidden.shape[0]}, "
+            f"seq_length={self.seq_length})"
+        )
 
 
 class DecoderOutput(NamedTuple):
@@ -557,32 +475,70 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, start_token_id: 
     return decoder_input_ids.masked_fill(decoder_input_ids == -100, pad_token_id)
 
 
-def _files_beside_weights(config: ShowAttendTellConfig, names: list[str]) -> list[Path] | None:
-    """
-    `names` in the folder or Hub repository (at the loaded revision, from the local cache when offline) that
-    the model was loaded from; None when any is missing there.
-    """
-    source = getattr(config, "_name_or_path", "") or ""
-    if not source:
-        return None
-    from transformers.utils import cached_file
+# The private methods of transformers' GenerationMixin overridden here, where no public mechanism exists, with
+# why (tested on transformers 4.57 and 5.24; tests/test_transformers_conventions.py fails with a clear message
+# when a release renames or removes one, which would bypass the override silently).
+OVERRIDDEN_PRIVATE_METHODS = {
+    "_expand_inputs_for_generation": "keeps one copy of each image's features for all of its beams, and "
+    "repeats the rows of a cache being continued with more beams",
+    "_supports_default_dynamic_cache": "an LSTM state is not keys and values: generate() must not build a "
+    "DynamicCache",
+}
+OVERRIDDEN_PRIVATE_METHODS_PARAMETERS = {  # the parameters of the base methods the overrides rely on
+    "_expand_inputs_for_generation": {"expand_size", "is_encoder_decoder", "input_ids", "model_kwargs"},
+    "_supports_default_dynamic_cache": set(),
+}
 
-    paths = []
-    for name in names:
-        try:
-            path = cached_file(
-                source,
-                name,
-                revision=getattr(config, "_commit_hash", None),
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-            )
-        except OSError:  # not a folder nor a repository id any more
-            return None
-        if path is None:
-            return None
-        paths.append(Path(path))
-    return paths
+DEFAULT_NUM_BEAMS = 3
+DEFAULT_MAX_NEW_TOKENS = 51  # 50 words and <end>
+
+
+@dataclass
+class _ShowAttendTellOutputFields(ModelOutput):
+    """
+    Output of [`ShowAttendTellForConditionalGeneration.forward`].
+
+    Args:
+        loss (`()`, returned with `labels`): cross-entropy over the non-padding targets plus `alpha_c` times
+            the doubly-stochastic penalty.
+        logits (`(rows, steps, vocab_size)`): scores of the next word at every step.
+        decoder_hidden_states (`tuple` of one `(rows, steps, decoder_dim)`, *optional*): the LSTM outputs.
+        decoder_attentions: always `None` (the decoder does not attend over its own words).
+        cross_attentions (`tuple` of one `(rows, steps, num_pixels)`, *optional*): the attention over the
+            image grid at every step, one tensor per decoder layer (one layer), as for every transformers
+            encoder-decoder; each row sums to one.
+        attention_maps (`(rows, steps, num_pixels)`, *optional*): the same tensor, for convenience.
+        encoder_last_hidden_state (`(images, num_pixels, encoder_dim)`): the features attended over.
+        encoder_hidden_states (`tuple`, *optional*): the ResNet's stem and stage outputs.
+        cache / past_key_values (`ShowAttendTellCache`, *optional*): the decoding state after the last step,
+            under the name the installed transformers reads.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    attention_maps: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# The state field carries the name the installed generate() reads (see CACHE_NAME); declaring the other
+# name too would make transformers 5.2x warn on every forward.
+if CACHE_NAME == "cache":
+
+    @dataclass
+    class ShowAttendTellOutput(_ShowAttendTellOutputFields):
+        __doc__ = _ShowAttendTellOutputFields.__doc__
+        cache: ShowAttendTellCache | None = None
+
+else:
+
+    @dataclass
+    class ShowAttendTellOutput(_ShowAttendTellOutputFields):
+        __doc__ = _ShowAttendTellOutputFields.__doc__
+        past_key_values: ShowAttendTellCache | None = None
 
 
 class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, GenerationMixin):
@@ -634,45 +590,16 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
     def _supports_default_dynamic_cache(cls) -> bool:  # see OVERRIDDEN_PRIVATE_METHODS
         return False
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> Any:
         """
         `PreTrainedModel.save_pretrained`. When the code files are saved with the weights (the classes are
-        registered for the auto classes, as importing `show_attend_tell` does), the folder also loads with
-        the image-to-text auto class and declares its own image-to-text pipeline (`custom_pipelines`):
-        transformers 5.x would otherwise serve `pipeline("image-to-text", model=folder,
-        trust_remote_code=True)` with a pipeline that asks for a text prompt. The pipeline's code files are
-        copied next to the weights; a model whose code came from a folder without them is saved without
-        the declaration.
+        registered for the auto classes, as importing `show_attend_tell` does), the folder also loads with the
+        image-to-text auto class and serves its own image-to-text pipeline (`declare_folder_pipeline`).
         """
-        pipeline_files = []
-        if self._auto_class is not None:
-            reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            for name in IMAGE_TO_TEXT_AUTO_CLASSES:
-                auto_map.setdefault(name, reference)
-            self.config.auto_map = auto_map
-            # Not imported by this file: transformers 4.x copies only a module's direct relative imports
-            # into its cache, and the pipeline's own import of the image processing file would be missing.
-            code_dir = Path(__file__).resolve().parent
-            names = [f"{name}_show_attend_tell.py" for name in ("pipeline", "image_processing")]
-            pipeline_files = [code_dir / name for name in names]
-            if not all(path.is_file() for path in pipeline_files):
-                # Code loaded from a folder or repository (trust_remote_code) holds only the files that loading
-                # the model needed; the pipeline's are where the model came from.
-                pipeline_files = _files_beside_weights(self.config, names) or pipeline_files
-            custom_pipelines = dict(getattr(self.config, "custom_pipelines", None) or {})
-            if all(path.is_file() for path in pipeline_files):
-                custom_pipelines.update(PIPELINE_DECLARATION)
-            else:  # a declaration without its code would break the folder's pipeline
-                pipeline_files = []
-                for task in PIPELINE_DECLARATION:
-                    custom_pipelines.pop(task, None)
-            if custom_pipelines or hasattr(self.config, "custom_pipelines"):
-                self.config.custom_pipelines = custom_pipelines
+        pipeline_files = declare_folder_pipeline(self) if self._auto_class is not None else []
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            for path in pipeline_files:
-                shutil.copyfile(path, Path(save_directory) / path.name)
+            copy_files(pipeline_files, save_directory)
         return result
 
     def forward(
@@ -835,12 +762,6 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
                     "(greedy or sampling), with the same decoder_input_ids it returned"
                 )
             input_ids = input_ids[:, state.get_seq_length() :]
-        inputs = {
-            "decoder_input_ids": input_ids,
-            "encoder_outputs": encoder_outputs,
-            CACHE_NAME: state,
-            "use_cache": True if use_cache is None else use_cache,
-        }
         # generate() passes the encoder's input and return_dict itself; its own bookkeeping (cache_position,
         # next_sequence_length, ...) is not a parameter of forward
         passed_through = set(inspect.signature(self.forward).parameters) - {
@@ -848,10 +769,13 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
             "pixel_values",
             "return_dict",
         }
-        inputs.update(
-            {name: value for name, value in kwargs.items() if name in passed_through and name not in inputs}
-        )
-        return inputs
+        return {
+            **{name: value for name, value in kwargs.items() if name in passed_through},
+            "decoder_input_ids": input_ids,
+            "encoder_outputs": encoder_outputs,
+            CACHE_NAME: state,
+            "use_cache": use_cache is not False,
+        }
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """
@@ -898,18 +822,11 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
                 maps[present, t] = step_maps[t][rows[present]]
             else:
                 maps[:, t] = step_maps[t]
-        return maps * self._generated_word_mask(sequences).unsqueeze(-1).to(maps.dtype)
-
-    def _generated_word_mask(self, sequences: torch.Tensor) -> torch.Tensor:
-        """`(num_sequences, generated_tokens)`: True for each generated word up to and including `<end>`."""
-        generated = sequences[:, 1:]
         eos_ids = self.generation_config.eos_token_id
-        if eos_ids is None:
-            eos_ids = self.config.eos_token_id
-        eos_ids = torch.tensor(eos_ids if isinstance(eos_ids, list) else [eos_ids], device=sequences.device)
-        is_end = torch.isin(generated, eos_ids).long()
-        ends_before = is_end.cumsum(dim=1) - is_end  # how many <end> tokens come before each position
-        return ends_before == 0
+        eos_ids = torch.tensor(self.config.eos_token_id if eos_ids is None else eos_ids, device=maps.device)
+        is_end = torch.isin(sequences[:, 1:], eos_ids).long()
+        words = (is_end.cumsum(dim=1) - is_end) == 0  # no <end> before: the words up to and including <end>
+        return maps * words.unsqueeze(-1).to(maps.dtype)
 
 
 __all__ = [

@@ -13,8 +13,9 @@ from transformers import (
 
 from .configuration_show_attend_tell import ShowAttendTellConfig
 from .image_processing_show_attend_tell import ShowAttendTellImageProcessor
-from .modeling_show_attend_tell import IMAGE_TO_TEXT_AUTO_CLASSES, ShowAttendTellForConditionalGeneration
+from .modeling_show_attend_tell import ShowAttendTellForConditionalGeneration
 from .processing_show_attend_tell import ShowAttendTellProcessor
+from .saving_show_attend_tell import IMAGE_TO_TEXT_AUTO_CLASSES
 from .tokenization_show_attend_tell import ShowAttendTellTokenizer
 
 

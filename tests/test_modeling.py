@@ -93,7 +93,7 @@ def test_imagenet_weights_load_from_torchvisions_cache_location(tmp_path, monkey
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig(vocab_size=10)).eval()
-    model.encoder.load_imagenet_weights("IMAGENET1K_V1", progress=False)
+    model.encoder.load_imagenet_weights(progress=False)
     # torchvision's own loader reads the same file: our URL table and its file naming agree
     torchvision_model = torchvision.models.resnet101(weights=weights).eval()
     pixel_values = torch.randn(1, 3, 64, 64)
@@ -103,10 +103,45 @@ def test_imagenet_weights_load_from_torchvisions_cache_location(tmp_path, monkey
     torch.testing.assert_close(grid, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_imagenet_weights_need_a_torchvision_architecture():
-    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny())
-    with pytest.raises(ValueError, match="No torchvision ImageNet checkpoint"):
-        model.encoder.load_imagenet_weights()
+def _fail_on_download(monkeypatch):
+    def download(*args, **kwargs):
+        raise AssertionError("an encoder without ImageNet weights must be refused before any download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+
+
+@pytest.mark.parametrize(
+    "encoder",
+    [
+        None,  # the tests' tiny ResNet
+        # ResNet-50 and -152: torchvision's weights for them were offered until issue 19 (old configs still load)
+        {"depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048], "layer_type": "bottleneck"},
+        {"depths": [3, 8, 36, 3], "hidden_sizes": [256, 512, 1024, 2048], "layer_type": "bottleneck"},
+        # ResNet-101's depths at other widths: the checkpoint would not fit
+        {
+            "depths": [3, 4, 23, 3],
+            "hidden_sizes": [8, 16, 16, 32],
+            "embedding_size": 8,
+            "layer_type": "bottleneck",
+        },
+    ],
+    ids=["tiny", "resnet50", "resnet152", "resnet101-depths-narrow"],
+)
+def test_imagenet_weights_exist_for_resnet101_only(encoder, monkeypatch):
+    _fail_on_download(monkeypatch)
+    config = ShowAttendTellConfig.tiny() if encoder is None else ShowAttendTellConfig(encoder_config=encoder)
+    with torch.device("meta"):  # the encoder's layers without their memory: only its configuration matters
+        model = ShowAttendTellForConditionalGeneration(config)
+    with pytest.raises(ValueError, match=r"^No torchvision ImageNet checkpoint .* ResNet-101 only") as error:
+        model.encoder.load_imagenet_weights(progress=False)
+    assert "\n" not in str(error.value)
+
+
+def test_a_saved_resnet50_encoder_config_still_loads(tmp_path):
+    resnet50 = {"depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048], "layer_type": "bottleneck"}
+    ShowAttendTellConfig(encoder_config=resnet50, vocab_size=10).save_pretrained(tmp_path)
+    loaded = ShowAttendTellConfig.from_pretrained(tmp_path)
+    assert list(loaded.encoder_config.depths) == [3, 4, 6, 3] and loaded.encoder_dim == 2048
 
 
 def test_set_trainable_stages_freezes_all_but_the_last_stages(tiny_model):
