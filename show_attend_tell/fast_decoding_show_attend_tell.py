@@ -23,8 +23,10 @@ Nothing here is global or keyed by object ids: what is prepared for a decoder li
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,17 +95,18 @@ def attention_scores(
     return (torch.relu(keys.unsqueeze(1) + query.unsqueeze(2)) * weight).sum(-1) + bias
 
 
-_compiled_attention_scores = None  # torch.compile(attention_scores), made on first use
+@functools.cache
+def _compiled_attention_scores() -> Callable[..., torch.Tensor]:
+    # made on first use: importing torch's compiler is slow, and most decodings never need it (torch keeps
+    # what it compiles for a function process-wide anyway)
+    return torch.compile(attention_scores, dynamic=True)
 
 
 def fused_attention_scores(
     keys: torch.Tensor, query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     """`attention_scores` compiled into one kernel (compiled on first use, for any shape)."""
-    global _compiled_attention_scores
-    if _compiled_attention_scores is None:
-        _compiled_attention_scores = torch.compile(attention_scores, dynamic=True)
-    return _compiled_attention_scores(keys, query, weight, bias)
+    return _compiled_attention_scores()(keys, query, weight, bias)
 
 
 def attention_scores_into(
