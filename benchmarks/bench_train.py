@@ -81,6 +81,7 @@ from show_attend_tell.training import (
     feature_cache_key,
     model_size,
 )
+from show_attend_tell.training.loop import set_train_mode
 
 FLICKR30K_TRAIN_IMAGES = 29_000
 GRAD_CLIP = 5.0  # scripts/train.py --grad-clip
@@ -101,7 +102,7 @@ def make_images(count: int, size: int, generator: torch.Generator) -> torch.Tens
 
 
 def build_model(args, device: torch.device) -> tuple[ShowAttendTellForConditionalGeneration, int]:
-    """The model of `--model-size` with a frozen, calibrated encoder, in training mode as train.py sets it."""
+    """The model of `--model-size` with a frozen, calibrated encoder, in the training loop's training mode."""
     torch.manual_seed(args.seed)
     config = build_model_config(args.model_size, vocab_size=args.vocab_size)
     image_size = model_size(args.model_size).image_size
@@ -110,8 +111,7 @@ def build_model(args, device: torch.device) -> tuple[ShowAttendTellForConditiona
     calibrate_batchnorm(model.encoder.resnet, make_images(4, image_size, generator))
     model.encoder.set_trainable_stages(0)  # frozen, as scripts/train.py without --fine-tune-encoder
     model = model.to(device)
-    model.train()
-    model.encoder.eval()  # frozen batch-norm statistics (scripts/train.py's set_train_mode)
+    set_train_mode(model)  # the training loop's: the frozen encoder's batch-norm statistics stay fixed
     return model, image_size
 
 

@@ -2,9 +2,10 @@
 """The demo (`make demo`): train a small Show, Attend and Tell model on synthetic shapes, on the CPU.
 
 1. Builds the synthetic dataset (coloured shapes with five captions each and the boxes of the objects).
-2. Trains the `small` model with `scripts/train.py` for a fixed number of images (6 epochs of 4,000
-   pictures, 5 captions each), with a wall-clock cap as a safety net: other programs on the machine can
-   slow training several times. One thread: on a busy 2-core machine two threads were 5 to 10 times slower.
+2. Trains the `small` model with the package's training loop (`show_attend_tell.training.train`, what
+   `scripts/train.py` runs) for a fixed number of images (6 epochs of 4,000 pictures, 5 captions each),
+   with a wall-clock cap as a safety net: other programs on the machine can slow training several times.
+   One thread: on a busy 2-core machine two threads were 5 to 10 times slower.
 3. Loads the saved model folder with `AutoModel`/`AutoProcessor` like any user would, captions the test
    split with beam search and scores it (BLEU-4 target: 0.5 or more).
 4. Measures attention localisation: for every shape word of the generated captions, whether the peak of
@@ -26,13 +27,29 @@ on the object for the whole phrase (size 79 %, colour 87 %, shape 88 %, 10 x cha
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from datasets import Dataset, DatasetDict
+from transformers import AutoModel, AutoProcessor
+
+from show_attend_tell.data import SHAPES, make_synthetic_dataset
+from show_attend_tell.metrics import compute_caption_metrics, java_available
+from show_attend_tell.training import (
+    TRAINING_ERRORS,
+    Localisation,
+    UsageError,
+    attention_localisation,
+    build_parser,
+    check_args,
+    generate_captions,
+    train,
+)
+from show_attend_tell.visualization import save_attention_figure
 
 # Targets of the demo (see the issue): test BLEU-4 and localisation relative to chance.
 BLEU_4_TARGET = 0.5
@@ -57,37 +74,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_train_script():
-    """scripts/train.py as a module: the demo trains exactly as a user's `python scripts/train.py` does."""
-    path = Path(__file__).resolve().parent / "train.py"
-    spec = importlib.util.spec_from_file_location("show_attend_tell_train_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def make_data(args: argparse.Namespace) -> tuple[DatasetDict, dict[str, int]]:
+    """[1/5] The synthetic shapes (cached: the training below reads the same pictures)."""
     started = time.monotonic()
-    output_dir = Path(args.output_dir)
-    torch.set_num_threads(args.threads)  # fixed: letting torch guess oversubscribes a busy 2-core machine
-
-    from show_attend_tell.data import SHAPES, make_synthetic_dataset
-
-    # ---------------------------------------------------------------- 1. data
     sizes = {"train": args.num_train, "validation": args.num_validation, "test": args.num_test}
     dataset = make_synthetic_dataset(
         **{f"num_{k}": v for k, v in sizes.items()}, image_size=64, seed=args.seed
     )
-    data_seconds = time.monotonic() - started
     print(
         f"[1/5] synthetic shapes: {', '.join(f'{len(split)} {name}' for name, split in dataset.items())} "
-        f"pictures of 64 x 64 px ({data_seconds:.0f} s)"
+        f"pictures of 64 x 64 px ({time.monotonic() - started:.0f} s)"
     )
+    return dataset, sizes
 
-    # ---------------------------------------------------------------- 2. training
-    train_script = load_train_script()
-    run_dir = output_dir / "run"
+
+def train_model(args: argparse.Namespace, sizes: dict[str, int], run_dir: Path) -> dict[str, Any]:
+    """[2/5] Trains with the package's training loop, as `python scripts/train.py OPTIONS` would."""
     options = [
         # The dataset built above (same sizes, same seed: read from its cache).
         "--dataset synthetic --dataset-option image_size=64",
@@ -104,31 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     ]
     train_args = [word for option in options for word in option.split()]
     print(f"[2/5] training: python scripts/train.py {' '.join(train_args)}")
-    train_started = time.monotonic()
-    status = train_script.main(train_args)
-    if status != 0:
-        print(f"training failed (exit status {status})", file=sys.stderr)
-        return status
-    train_seconds = time.monotonic() - train_started
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    settings = build_parser().parse_args(train_args)
+    check_args(settings)
+    metrics = train(settings)
     print(
         f"      {metrics['images_seen']} images in {metrics['train_seconds']:.0f} s "
         f"({metrics['images_per_second']:.0f} images/s), stopped by {metrics['stopped_because']}"
     )
+    return metrics
 
-    # ---------------------------------------------------------------- 3. test evaluation
-    from transformers import AutoModel, AutoProcessor
 
-    from show_attend_tell.metrics import compute_caption_metrics, java_available
-    from show_attend_tell.training import attention_localisation, generate_captions
-    from show_attend_tell.visualization import save_attention_figure
-
-    model_dir = run_dir / "model"
+def evaluate_test(args: argparse.Namespace, model_dir: Path, test: Dataset) -> tuple[Any, Any, dict, str]:
+    """[3/5] Loads the saved folder like any user, captions the test split, scores it."""
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    test = dataset["test"]
     images = list(test["image"])
-    eval_started = time.monotonic()
+    started = time.monotonic()
     generated = generate_captions(
         model,
         processor,
@@ -144,54 +137,91 @@ def main(argv: list[str] | None = None) -> int:
     scores = compute_caption_metrics(
         generated.captions, references, metrics=("bleu", "rouge", "cider"), tokenizer=tokenizer
     )
-    eval_seconds = time.monotonic() - eval_started
     tokenization_note = "" if tokenizer == "ptb" else " (approximate tokenisation: Java not found)"
     print(
-        f"[3/5] test split ({len(images)} pictures, beam {args.num_beams}, {eval_seconds:.0f} s)"
+        f"[3/5] test split ({len(images)} pictures, beam {args.num_beams}, {time.monotonic() - started:.0f} s)"
         f"{tokenization_note}: " + ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
     )
+    return processor, generated, scores, tokenizer
 
-    # ---------------------------------------------------------------- 4. localisation
-    words = [processor.tokenizer.convert_ids_to_tokens(ids) for ids in generated.token_ids]
-    localisation = attention_localisation(
-        words, generated.attention, test["objects"], [image.size for image in images], SHAPES
+
+def measure_localisation(words: list[list[str]], generated: Any, test: Dataset) -> dict[str, Localisation]:
+    """[4/5] Where the attention peaks at each shape word ("shape"), and at the words before it."""
+    sizes = [image.size for image in test["image"]]
+    measured = {  # in "a small red circle": the shape word, then the size and colour words before it
+        name: attention_localisation(
+            words, generated.attention, test["objects"], sizes, SHAPES, offset=offset
+        )
+        for name, offset in (("shape", 0), ("size", -2), ("colour", -1))
+    }
+    shape = measured["shape"]
+    print(
+        f"[4/5] attention localisation: {shape.hits} of {shape.words} shape words "
+        f"({shape.share:.1%}) have their attention peak inside the object's box; chance "
+        f"{shape.chance:.1%}; {shape.ratio:.1f} x chance "
+        f"({shape.unmatched_words} shape words named an object not in the picture)"
     )
     print(
-        f"[4/5] attention localisation: {localisation.hits} of {localisation.words} shape words "
-        f"({localisation.share:.1%}) have their attention peak inside the object's box; chance "
-        f"{localisation.chance:.1%}; {localisation.ratio:.1f} x chance "
-        f"({localisation.unmatched_words} shape words named an object not in the picture)"
+        "      at the words before it: "
+        + ", ".join(f"{k} word {measured[k].share:.1%}" for k in ("size", "colour"))
     )
-    sizes_of_images = [image.size for image in images]
-    earlier = {  # the same measure at the words before the shape word, in "a small red circle"
-        name: attention_localisation(
-            words, generated.attention, test["objects"], sizes_of_images, SHAPES, offset=o
-        )
-        for name, o in (("size", -2), ("colour", -1))
-    }
-    print("      at the words before it: " + ", ".join(f"{k} word {v.share:.1%}" for k, v in earlier.items()))
+    return measured
 
-    # ---------------------------------------------------------------- 5. figures
+
+def write_figures(
+    args: argparse.Namespace, output_dir: Path, test: Dataset, words: list[list[str]], generated: Any
+) -> list[Path]:
+    """[5/5] The picture, then one panel per word, for the first `--figures` test pictures."""
     figures = []
-    for i in range(min(args.figures, len(images))):
+    for i in range(min(args.figures, len(test))):
         path = output_dir / f"attention_{i}.png"
-        save_attention_figure(path, images[i], words[i], generated.attention[i], title=test[i]["image_id"])
+        row = test[i]
+        save_attention_figure(path, row["image"], words[i], generated.attention[i], title=row["image_id"])
         figures.append(path)
-        print(f"      {test[i]['image_id']}: {generated.captions[i]!r}  (reference: {references[i][0]!r})")
+        print(f"      {row['image_id']}: {generated.captions[i]!r}  (reference: {row['captions'][0]!r})")
     print(f"[5/5] {len(figures)} attention figures written")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    output_dir = Path(args.output_dir)
+    torch.set_num_threads(args.threads)  # fixed: letting torch guess oversubscribes a busy 2-core machine
+
+    dataset, sizes = make_data(args)
+    data_seconds = time.monotonic() - started
+    run_dir = output_dir / "run"
+    train_started = time.monotonic()
+    try:
+        metrics = train_model(args, sizes, run_dir)
+    except (UsageError, *TRAINING_ERRORS) as error:
+        print(f"training failed: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+    train_seconds = time.monotonic() - train_started
+
+    test = dataset["test"]
+    eval_started = time.monotonic()
+    model_dir = run_dir / "model"
+    processor, generated, scores, tokenizer = evaluate_test(args, model_dir, test)
+    eval_seconds = time.monotonic() - eval_started
+    words = [processor.tokenizer.convert_ids_to_tokens(ids) for ids in generated.token_ids]
+    localisation = measure_localisation(words, generated, test)
+    figures = write_figures(args, output_dir, test, words, generated)
 
     total_seconds = time.monotonic() - started
+    shape = localisation["shape"]
     results = {
         "test": scores,
         "test_tokenization": tokenizer,
         "localisation": {
-            "share": localisation.share,
-            "chance": localisation.chance,
-            "ratio": localisation.ratio,
-            "shape_words": localisation.words,
-            "unmatched_shape_words": localisation.unmatched_words,
-            "share_at_size_word": earlier["size"].share,
-            "share_at_colour_word": earlier["colour"].share,
+            "share": shape.share,
+            "chance": shape.chance,
+            "ratio": shape.ratio,
+            "shape_words": shape.words,
+            "unmatched_shape_words": shape.unmatched_words,
+            "share_at_size_word": localisation["size"].share,
+            "share_at_colour_word": localisation["colour"].share,
         },
         "training": {
             "images": metrics["images_seen"],
@@ -214,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     results_path.write_text(json.dumps(results, indent=2))
 
     bleu_ok = scores["bleu_4"] >= BLEU_4_TARGET
-    localisation_ok = localisation.ratio >= LOCALISATION_TARGET
+    localisation_ok = shape.ratio >= LOCALISATION_TARGET
     print()
     print(f"test BLEU-4 {scores['bleu_4']:.4f} (target >= {BLEU_4_TARGET}): {'met' if bleu_ok else 'MISSED'}")
     print(
-        f"attention localisation {localisation.share:.1%} vs chance {localisation.chance:.1%} = "
-        f"{localisation.ratio:.1f} x (target >= {LOCALISATION_TARGET:g} x): "
+        f"attention localisation {shape.share:.1%} vs chance {shape.chance:.1%} = "
+        f"{shape.ratio:.1f} x (target >= {LOCALISATION_TARGET:g} x): "
         f"{'met' if localisation_ok else 'MISSED'}"
     )
     print(f"total time {total_seconds / 60:.1f} min (training {metrics['train_seconds'] / 60:.1f} min)")

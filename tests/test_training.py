@@ -43,10 +43,15 @@ from show_attend_tell.training import (
     DataError,
     EpochBatchSampler,
     FeatureCache,
+    UsageError,
+    build_parser,
+    check_args,
     check_training_rows,
     list_checkpoints,
+    read_training_state,
     remove_stale_temporaries,
     resolve_checkpoint,
+    train,
     write_checkpoint,
 )
 from show_attend_tell.training.evaluation import attention_localisation, cells_in_box, peak_in_box
@@ -212,6 +217,53 @@ def test_reference_run_output_folder(reference_run: Path) -> None:
     names = [path.name for path in list_checkpoints(reference_run / "checkpoints")]
     assert names == ["checkpoint-00000024", "checkpoint-00000028", "checkpoint-00000030"]
     assert not [p for p in (reference_run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_checkpoints_keep_the_training_state_format(reference_run: Path) -> None:
+    # training_state.json of checkpoints written before the loop moved into the package: the same keys, so
+    # that a run started with an older version still resumes.
+    saved = read_training_state(list_checkpoints(reference_run / "checkpoints")[-1])
+    assert set(saved) == {"state", "args", "num_processes"} and saved["num_processes"] == 1
+    assert set(saved["state"]) == {
+        "global_step", "epoch", "batches_in_epoch", "images_seen", "train_seconds", "best_bleu_4", "best_epoch",
+        "epochs_without_improvement", "bad_images", "image_visits", "bad_visits", "history",
+    }  # fmt: skip
+    assert saved["state"]["global_step"] == 3 * STEPS_PER_EPOCH and saved["state"]["epoch"] == 3
+    assert set(saved["state"]["history"]) == {"train", "validation", "log"}
+
+
+def test_training_from_python_returns_what_metrics_json_holds(tmp_path: Path, data_cache: Path) -> None:
+    output = tmp_path / "run"
+    args = build_parser().parse_args(tiny_args(data_cache, output, "--max-steps 3 --checkpoint-steps 2"))
+    check_args(args)
+    result = train(args)
+    assert result == read_metrics(output)
+    assert result["stopped_because"] == "max_steps" and result["global_step"] == 3
+    assert result["images_seen"] == 3 * 4 and len(result["log"]) == 3
+    assert [entry["step"] for entry in result["validation"]] == [3]  # the validation at the stop
+    assert [p.name for p in list_checkpoints(output / "checkpoints")] == [
+        "checkpoint-00000002",
+        "checkpoint-00000003",
+    ]
+    assert json.loads((output / "model" / "metrics.json").read_text())["global_step"] == 3
+
+
+def test_training_from_python_raises_the_usage_error_the_script_prints(
+    tmp_path: Path, data_cache: Path, reference_run: Path
+) -> None:
+    checkpoint = list_checkpoints(reference_run / "checkpoints")[0]
+    args = build_parser().parse_args(
+        tiny_args(data_cache, tmp_path / "run", "--seed 8 --resume-from-checkpoint", checkpoint)
+    )
+    check_args(args)
+    with pytest.raises(UsageError, match="--seed: 7 then, 8 now"):
+        train(args)
+
+
+def test_dataset_default_is_flickr30k_as_in_the_evaluation_script() -> None:
+    train_default = build_parser().parse_args([]).dataset
+    assert train_default == "flickr30k"
+    assert load_script("evaluate_captions").parse_args(["--model", "m"]).dataset == train_default
 
 
 def test_console_output_has_readable_scores_and_no_dataset_saving_bars(
@@ -464,8 +516,8 @@ def disk_full_case(where: str) -> tuple[str, str, Callable[[tuple], bool], Calla
         # TensorBoard's event file, written by a thread of its own: from its 15th record on (3 per step)
         "tensorboard": ("tensorboard.summary.writer.record_writer", "RecordWriter.write",
                         lambda call: next(records) >= 15, lambda: OSError(errno.ENOSPC, "No space left on device")),
-        # metrics.json, written by the script (write_text_atomic(path, text))
-        "metrics": ("", "write_text_atomic", lambda call: Path(call[0]).name == "metrics.json",
+        # metrics.json, written by the training loop (write_text_atomic(path, text))
+        "metrics": ("show_attend_tell.training.loop", "write_text_atomic", lambda call: Path(call[0]).name == "metrics.json",
                     lambda: OSError(errno.ENOSPC, "No space left on device")),
     }[where]  # fmt: skip
 
@@ -489,7 +541,7 @@ def test_disk_full_anywhere_is_one_line_and_keeps_the_checkpoints(
     tmp_path: Path, data_cache: Path, train_script, monkeypatch: pytest.MonkeyPatch, capsys, where, message
 ) -> None:
     module_name, attribute, fails, error = disk_full_case(where)
-    owner = train_script if not module_name else importlib.import_module(module_name)
+    owner = importlib.import_module(module_name)
     if "." in attribute:
         class_name, attribute = attribute.split(".")
         owner = getattr(owner, class_name)
