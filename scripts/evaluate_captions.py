@@ -327,67 +327,26 @@ def load_model(path: str, device: Any, trust_remote_code: bool = False) -> tuple
     return model, processor
 
 
-class ImageRows:
-    """Map-style dataset over a split: row i -> (i, pixel_values or None, error message or None).
-
-    The images are read undecoded (`decode=False`) and decoded here, in the DataLoader's worker
-    processes. A picture that cannot be read is reported, not raised, so the main process can name it.
-    """
-
-    def __init__(self, rows: Any, image_processor: Any) -> None:
-        from datasets import Image as ImageFeature
-
-        self.rows = rows.select_columns(["image", "image_id"]).cast_column(
-            "image", ImageFeature(decode=False)
-        )
-        self.image_processor = image_processor
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
-        from show_attend_tell.image_processing_show_attend_tell import load_image
-
-        row = self.rows[index]
-        cell = row["image"] or {}
-        try:
-            source = cell.get("bytes") or cell.get("path")
-            if not source:
-                raise ValueError("the row holds neither image bytes nor a path")
-            image = load_image(source, name=str(row["image_id"]))
-            pixel_values = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
-        except Exception as error:  # reported with the image's id by the main process
-            return index, None, f"{type(error).__name__}: {error}"
-        return index, pixel_values, None
-
-
-def collate(items: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-    import torch
-
-    good = [(index, pixels) for index, pixels, error in items if error is None]
-    errors = [(index, error) for index, _, error in items if error is not None]
-    pixel_values = torch.stack([pixels for _, pixels in good]) if good else None
-    return [index for index, _ in good], pixel_values, errors
-
-
 def caption_split(
     model: Any, processor: Any, rows: Any, args: argparse.Namespace, device: Any
 ) -> tuple[dict[int, list[str]], dict[str, Any]]:
-    """Captions every image of `rows` with each beam size; returns {beams: captions in row order}, timings."""
+    """
+    Captions every image of `rows` with each beam size; returns {beams: captions in row order}, timings.
+    The pictures are read in DataLoader workers (`captioning.picture_batches`); each batch gets one encoder
+    pass, shared by every beam size's `captioning.caption_batch`.
+    """
     import torch
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-    from transformers.modeling_outputs import BaseModelOutput
 
-    loader = DataLoader(
-        ImageRows(rows, processor.image_processor),
+    from show_attend_tell.captioning import caption_batch, picture_batches
+
+    batches = picture_batches(
+        rows,
+        processor.image_processor,
         batch_size=args.batch_size,
-        shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
-    image_ids = [str(i) for i in rows["image_id"]]
     captions: dict[int, list[str | None]] = {beams: [None] * len(rows) for beams in args.num_beams}
     timings: dict[str, Any] = {"encode_seconds": 0.0, "data_wait_seconds": 0.0}
     timings.update({f"generate_seconds_beam_{beams}": 0.0 for beams in args.num_beams})
@@ -407,42 +366,45 @@ def caption_split(
     started = time.perf_counter()
     with torch.inference_mode(), autocast, progress:
         waited = time.perf_counter()
-        for indices, pixel_values, errors in loader:
+        for batch in batches:
             timings["data_wait_seconds"] += time.perf_counter() - waited
-            if errors:
-                index, error = errors[0]
-                more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+            if batch.failed:
+                first = batch.failed[0]
+                more = f" (and {len(batch.failed) - 1} more in this batch)" if len(batch.failed) > 1 else ""
                 raise EvaluationError(
-                    f"image {image_ids[index]!r} (row {index}) cannot be read: {error}{more}"
+                    f"image {first.key!r} (row {first.index}) cannot be read: {first.error}{more}"
                 )
 
             # One encoder pass per batch, shared by every beam size.
             tick = time.perf_counter()
-            pixel_values = pixel_values.to(device, model.dtype, non_blocking=True)
-            features = model.get_encoder()(pixel_values, return_dict=True).last_hidden_state
+            pixel_values = batch.pixel_values.to(device, model.dtype, non_blocking=True)
+            encoder_outputs = model.get_encoder()(pixel_values, return_dict=True)
             synchronize()
             timings["encode_seconds"] += time.perf_counter() - tick
 
             for beams in args.num_beams:
                 tick = time.perf_counter()
-                sequences = model.generate(
-                    encoder_outputs=BaseModelOutput(last_hidden_state=features),
+                results = caption_batch(
+                    model,
+                    processor.tokenizer,
+                    encoder_outputs=encoder_outputs,
                     num_beams=beams,
                     num_return_sequences=1,
                     do_sample=False,
                     max_new_tokens=args.max_new_tokens,
                 )
-                texts = processor.batch_decode(sequences.cpu(), skip_special_tokens=True)
                 timings[f"generate_seconds_beam_{beams}"] += time.perf_counter() - tick
-                for index, text in zip(indices, texts, strict=True):
-                    captions[beams][index] = " ".join(text.split())  # one line, single spaces
-            progress.update(len(indices))
+                for index, result in zip(batch.positions, results, strict=True):
+                    captions[beams][index] = " ".join(result.caption.split())  # one line, single spaces
+            progress.update(len(batch.positions))
             waited = time.perf_counter()
     timings["captioning_seconds"] = time.perf_counter() - started
     timings["images_per_second"] = len(rows) / max(timings["captioning_seconds"], 1e-9)
-    missing = [image_ids[i] for i, text in enumerate(captions[args.num_beams[0]]) if text is None]
+    missing = [i for i, text in enumerate(captions[args.num_beams[0]]) if text is None]
     if missing:  # cannot happen with a sequential sampler; guard against silent gaps anyway
-        raise RuntimeError(f"{len(missing)} images were not captioned, e.g. {missing[:3]}")
+        image_ids = rows["image_id"]
+        examples = [str(image_ids[i]) for i in missing[:3]]
+        raise RuntimeError(f"{len(missing)} images were not captioned, e.g. {examples}")
     return {beams: list(texts) for beams, texts in captions.items()}, timings
 
 

@@ -65,9 +65,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import captioning
 from .device import pick_device
 from .image_processing_show_attend_tell import describe_image_error, to_rgb
-from .pipeline_show_attend_tell import words_and_attention
 
 try:  # at module level because FastAPI resolves the endpoints' string annotations in this namespace
     from fastapi import UploadFile
@@ -200,24 +200,16 @@ class Captioner:
 
     def caption_pixels(self, pixel_values: torch.Tensor, options: CaptionOptions) -> list[CaptionResult]:
         """One generate() call for prepared pictures ``(images, 3, height, width)``; one result per picture."""
-        pixel_values = pixel_values.to(self.model.device, dtype=self.model.dtype)
-        with torch.inference_mode():
-            outputs = self.model.generate(
-                pixel_values=pixel_values,
-                num_beams=options.num_beams,
-                max_new_tokens=options.max_new_tokens,
-                num_return_sequences=1,
-                output_attentions=options.return_attention,
-                return_dict_in_generate=True,
-            )
-        maps = outputs.get("attention_maps") if options.return_attention else None
-        tokenizer = self.processor.tokenizer
-        results = []
-        for row, sequence in enumerate(outputs.sequences):
-            words, attention = words_and_attention(sequence, None if maps is None else maps[row], tokenizer)
-            caption = tokenizer.decode(sequence, skip_special_tokens=True)
-            results.append(CaptionResult(caption=caption, tokens=words, attention=attention))
-        return results
+        results = captioning.caption_batch(
+            self.model,
+            self.processor.tokenizer,
+            pixel_values,
+            num_beams=options.num_beams,
+            max_new_tokens=options.max_new_tokens,
+            num_return_sequences=1,
+            output_attentions=options.return_attention,
+        )
+        return [CaptionResult(result.caption, result.words, result.attention) for result in results]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""scripts/caption.py: inputs, outputs, figures, several processes, resuming after a kill, bounded memory."""
+"""scripts/caption.py and show_attend_tell.caption_files: inputs, outputs, figures, several processes, resuming after a
+kill, bounded memory."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from show_attend_tell import caption_files
 from show_attend_tell.saving import save_model_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,15 +121,15 @@ def test_merge_orders_rows_keeps_each_image_once_and_ignores_a_torn_line(tmp_pat
         + json.dumps({"path": "c", "error": "empty file (0 bytes)"})
         + "\n"
     )
-    parts = caption.parts_dir(output)
+    parts = caption_files.parts_dir(output)
     parts.mkdir()
     (parts / "process-000-1.jsonl").write_text(
         json.dumps({"path": "a", "caption": "new a"}) + "\n" + '{"path": "d", "capt'  # killed mid-write
     )
     (parts / "process-001-2.jsonl").write_text(json.dumps({"path": "c", "caption": "c, fixed"}) + "\n")
-    assert caption.captioned_keys(output) == {"a", "b", "c", "gone"}
+    assert caption_files.captioned_keys(output) == {"a", "b", "c", "gone"}
 
-    captioned, failed, missing = caption.merge_rows(output, ["a", "b", "c", "d"])
+    captioned, failed, missing = caption_files.merge_rows(output, ["a", "b", "c", "d"])
     assert (captioned, failed, missing) == (3, 0, ["d"])
     assert read_rows(output) == [
         {"path": "a", "caption": "new a"},
@@ -140,9 +142,38 @@ def test_merge_orders_rows_keeps_each_image_once_and_ignores_a_torn_line(tmp_pat
 
 
 def test_figure_names_are_unique():
-    names = caption.figure_names(["a/x.png", "b/x.png", "c/y.jpg", "https://host/z.png?size=2"])
+    names = caption_files.figure_names(["a/x.png", "b/x.png", "c/y.jpg", "https://host/z.png?size=2"])
     assert names["c/y.jpg"] == "y.png" and names["https://host/z.png?size=2"] == "z.png"
     assert len(set(names.values())) == 4 and names["a/x.png"].startswith("x-")
+
+
+def test_caption_to_jsonl_from_python_resumes_and_retries_what_failed(
+    tmp_path, tiny_model, processor, capsys
+):
+    paths = make_images(tmp_path / "photos", 5)
+    broken = tmp_path / "photos" / "broken.png"
+    broken.write_bytes(b"not a picture")
+    inputs = caption_files.collect_inputs([str(tmp_path / "photos")])
+    assert inputs.keys == [str(broken), *map(str, paths)]
+    output = tmp_path / "out" / "captions.jsonl"
+    options = {"batch_size": 2, "progress": False, "num_beams": 3, "max_new_tokens": 5}
+
+    run = caption_files.caption_to_jsonl(tiny_model, processor, inputs, output, **options)
+    assert (run.captioned, run.failed, run.missing, run.skipped, run.processes) == (5, 1, [], 0, 1)
+    assert f"error: {broken}: not an image file Pillow can read" in capsys.readouterr().err
+    expected = expected_captions(tiny_model, processor, paths, num_beams=3, max_new_tokens=5)
+    unreadable = "not an image file Pillow can read (unknown format, or corrupt data)"
+    assert read_rows(output) == [
+        {"path": str(broken), "error": unreadable},
+        *({"path": str(path), "caption": text} for path, text in zip(paths, expected, strict=True)),
+    ]
+
+    broken.write_bytes(paths[0].read_bytes())  # fixed: the next run captions it, and only it
+    run = caption_files.caption_to_jsonl(tiny_model, processor, inputs, output, **options)
+    assert (run.captioned, run.failed, run.skipped) == (6, 0, 5)
+    assert "5 images already captioned" in capsys.readouterr().err
+    assert read_rows(output)[0] == {"path": str(broken), "caption": expected[0]}
+    assert not caption_files.parts_dir(output).exists()
 
 
 # --- running the tool --------------------------------------------------------------------------------
@@ -178,7 +209,7 @@ def test_captions_equal_generate_as_lines_json_and_jsonl(tmp_path, model_dir, ti
     assert captured.out == ""
     assert "5 of 5 images captioned" in captured.err
     assert read_rows(output) == rows
-    assert not caption.parts_dir(output).exists()
+    assert not caption_files.parts_dir(output).exists()
 
 
 @pytest.mark.slow
@@ -342,7 +373,7 @@ def test_a_killed_run_resumes_and_ends_with_every_image_once(tmp_path, model_dir
         timeout=300,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after 3 batches
-    parts = list(caption.parts_dir(output).glob("*.jsonl"))
+    parts = list(caption_files.parts_dir(output).glob("*.jsonl"))
     assert len(parts) == 1 and not output.exists()
     assert len(read_rows(parts[0])) == 12
     with open(parts[0], "a") as part:
@@ -352,7 +383,7 @@ def test_a_killed_run_resumes_and_ends_with_every_image_once(tmp_path, model_dir
     assert caption.main([*common, "--output", str(output)]) == 0
     assert "12 images already captioned" in capsys.readouterr().err
     assert output.read_text() == reference.read_text()  # every image once, in order, same captions
-    assert not caption.parts_dir(output).exists()
+    assert not caption_files.parts_dir(output).exists()
 
     assert caption.main([*common, "--output", str(output)]) == 0  # nothing left to do
     assert "24 images already captioned" in capsys.readouterr().err
@@ -471,7 +502,7 @@ def test_odd_file_names_in_jsonl_resume_and_errors(tmp_path, model_dir, capsys):
     argv += ["--output", str(output), "--batch-size", "2"]
     assert caption.main(argv) == 1  # the broken picture
     err = capsys.readouterr().err
-    assert "caption.py: error: " + caption.display_name(str(broken)) + ": " in err
+    assert "caption.py: error: " + caption_files.display_name(str(broken)) + ": " in err
     assert "broken\\xe9\\n.png: " in err
     text = output.read_bytes().decode("utf-8")  # valid UTF-8
     rows = [json.loads(line) for line in text.split("\n")[:-1]]
@@ -488,7 +519,7 @@ def test_odd_file_names_in_jsonl_resume_and_errors(tmp_path, model_dir, capsys):
 
 
 def test_figure_names_of_names_that_are_not_utf8():
-    names = caption.figure_names(["a/caf\udce9.png", "b/caf\udce9.png", "c/caf\udce9.png"])
+    names = caption_files.figure_names(["a/caf\udce9.png", "b/caf\udce9.png", "c/caf\udce9.png"])
     assert len(set(names.values())) == 3 and all(name.isascii() for name in names.values())
 
 

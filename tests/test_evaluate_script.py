@@ -513,7 +513,7 @@ def test_runs_as_a_script(tmp_path, data_args, split):
     assert "predictions" in completed.stdout and "100.0" in completed.stdout
 
 
-def test_an_unreadable_image_is_reported_with_its_id(processor):
+def test_an_unreadable_image_is_reported_with_its_id(tiny_model, processor):
     from datasets import Dataset, Features, Image, Value
 
     good = io.BytesIO()
@@ -523,10 +523,9 @@ def test_an_unreadable_image_is_reported_with_its_id(processor):
          "image_id": ["ok", "broken"]},
         features=Features({"image": Image(), "image_id": Value("string")}),
     )  # fmt: skip
-    images = evaluate_script.ImageRows(rows, processor.image_processor)
-    index, pixel_values, error = images[0]
-    assert index == 0 and error is None and pixel_values.shape == (3, 64, 64)
-    index, pixel_values, error = images[1]
-    assert index == 1 and pixel_values is None and "broken" in error
-    indices, batch, errors = evaluate_script.collate([images[0], images[1]])
-    assert indices == [0] and batch.shape == (1, 3, 64, 64) and errors == [(1, error)]
+    args = evaluate_script.parse_args(["--model", "m", "--num-beams", "1", "3", "--no-progress"])
+    with pytest.raises(evaluate_script.EvaluationError) as raised:
+        evaluate_script.caption_split(tiny_model, processor, rows, args, torch.device("cpu"))
+    message = str(raised.value)
+    assert message.startswith("image 'broken' (row 1) cannot be read: not an image file Pillow can read")
+    assert "\n" not in message

@@ -2,7 +2,7 @@
 
 `generate_captions` is what validation during training and the demo's test evaluation use: real
 decoding with `generate()` (greedy or beam search), never teacher forcing, so the scores are the ones a
-user of the model gets.
+user of the model gets. It collects what `captioning.caption_images` yields for a list of pictures.
 
 `attention_localisation` checks that the model looks at what it names: for every shape word in a
 caption of the synthetic dataset, the grid cell with the highest attention at the step that emits the
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..captioning import caption_images
 from ..processing_show_attend_tell import ShowAttendTellProcessor
 
 
@@ -30,11 +31,10 @@ class GeneratedCaptions:
     """Output of `generate_captions`: one entry per picture."""
 
     captions: list[str]
-    token_ids: list[list[int]] = field(default_factory=list)  # generated ids, <start> excluded, up to <end>
+    token_ids: list[list[int]] = field(default_factory=list)  # the words' ids: <start>, <end> left out
     attention: list[torch.Tensor] = field(default_factory=list)  # (len(token_ids), num_pixels) each
 
 
-@torch.inference_mode()
 def generate_captions(
     model: Any,
     processor: ShowAttendTellProcessor,
@@ -48,44 +48,39 @@ def generate_captions(
     device: torch.device | str | None = None,
 ) -> GeneratedCaptions:
     """
-    Captions `images` with `model.generate` in batches of `batch_size` pictures.
+    Captions `images` with `model.generate` in batches of `batch_size` pictures (`captioning.caption_images`,
+    without a progress bar).
 
     Args:
         model: a `ShowAttendTellForConditionalGeneration` (unwrapped from Accelerate/DDP).
         output_attentions: also return, per picture, the attention map of every generated word.
         autocast: a context-manager factory for mixed precision (e.g. `accelerator.autocast`).
-        device: where to run; defaults to the model's device.
+        device: where the model must be (a check; default: wherever it is).
+
+    Raises:
+        ValueError: a picture cannot be used (the message names its position and the reason).
     """
-    was_training = model.training
-    model.eval()
-    device = device if device is not None else next(model.parameters()).device
-    end_id = processor.tokenizer.eos_token_id
+    wanted = torch.device(device) if device is not None else model.device
+    if wanted.type != model.device.type or wanted.index not in (None, model.device.index):
+        raise ValueError(f"generate_captions: the model is on {model.device}, not on {device}")
     result = GeneratedCaptions(captions=[])
-    try:
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
-            pixel_values = processor.image_processor(chunk, return_tensors="pt")["pixel_values"].to(device)
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                sequences = model.generate(
-                    pixel_values=pixel_values, num_beams=num_beams, max_new_tokens=max_new_tokens
-                )
-                if output_attentions:
-                    # The attention of the step that emitted each word, from one teacher-forced pass over the
-                    # final captions: the same maps as generate()'s per-step ones, without following beams.
-                    maps = model(
-                        pixel_values=pixel_values, input_ids=sequences[:, :-1], output_attentions=True
-                    ).attention_maps
-            sequences = sequences.cpu()
-            result.captions.extend(processor.batch_decode(sequences, skip_special_tokens=True))
-            for i, sequence in enumerate(sequences.tolist()):
-                generated = sequence[1:]  # position 0 is <start>, which no step produced
-                if end_id in generated:
-                    generated = generated[: generated.index(end_id) + 1]
-                result.token_ids.append(generated)
-                if output_attentions:
-                    result.attention.append(maps[i, : len(generated)].float().cpu())
-    finally:
-        model.train(was_training)
+    for captioned in caption_images(
+        model,
+        processor,
+        images,
+        batch_size=batch_size,
+        output_attentions=output_attentions,
+        autocast=autocast,
+        progress=False,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+    ):
+        if captioned.error is not None:
+            raise ValueError(f"picture {captioned.index}: {captioned.error}")
+        result.captions.append(captioned.caption)
+        result.token_ids.append(captioned.token_ids)
+        if output_attentions:
+            result.attention.append(torch.from_numpy(captioned.attention))
     return result
 
 
