@@ -392,19 +392,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    # float32 means float32: with TF32 (on by default for cuDNN's convolutions) the float32 reference and
-    # the float32 exactness checks would depend on the batch size
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+def describe_settings(args: argparse.Namespace, device: torch.device) -> dict:
+    """The conditions of the measurement, printed first and written into the JSON."""
     images_per_batch = args.batch_size // args.captions_per_image
-    captions_per_batch = images_per_batch * args.captions_per_image
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     )
-    settings = {
+    return {
         "device": device.type,
         "device_name": device_name,
         "cpu_count": os.cpu_count(),
@@ -414,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "images_per_batch": images_per_batch,
         "captions_per_image": args.captions_per_image,
-        "captions_per_batch": captions_per_batch,
+        "captions_per_batch": images_per_batch * args.captions_per_image,
         "caption_length": f"{args.caption_length} +- {args.caption_jitter} decoder steps",
         "dtypes": args.dtypes,
         "reference_dtype": args.reference_dtype,
@@ -424,6 +418,121 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
     }
+
+
+def time_variants(
+    args: argparse.Namespace,
+    trainer: Trainer,
+    batches: Batches,
+    cache: FeatureCache,
+    variants: list[tuple[str, str, str]],
+    captions_per_batch: int,
+) -> tuple[dict, dict]:
+    """
+    `--warmup` + `--steps` rounds of one training step per variant (the order rotates every round);
+    returns the timed rounds' seconds per variant and each variant's ratio to the reference within a round.
+    """
+    runs = {
+        name: {"feature_s": [], "decoder_s": [], "step_s": [], "utilisation": []} for name, _, _ in variants
+    }
+    ratios = {name: [] for name, _, _ in variants if name != "reference"}
+
+    def run_step(kind: str, index: int, dtype: str) -> tuple[float, float, float]:
+        nonlocal cache
+        cpu_start = time.process_time()
+        if kind == "reference":
+            feature_s, decoder_s = trainer.reference(batches, index, dtype)
+        elif kind == "ours":
+            feature_s, decoder_s = trainer.ours(batches, index, dtype)
+        else:
+            if args.cold_cache:
+                # a fresh reader (the old one's memory map closes with it), then the file out of the page cache
+                cache = FeatureCache(cache.directory, cache.num_rows, cache.grid_shape)
+                evict_page_cache(cache.directory / "features.npy")
+            feature_s, decoder_s = trainer.cached(batches, index, dtype, cache)
+        cpu = time.process_time() - cpu_start
+        return feature_s, decoder_s, cpu / max(feature_s + decoder_s, 1e-9) / args.threads
+
+    for round_index in range(args.warmup + args.steps):
+        timed = round_index >= args.warmup
+        shift = round_index % len(variants)
+        order = variants[shift:] + variants[:shift]
+        rates = {}
+        for name, kind, dtype in order:
+            feature_s, decoder_s, utilisation = run_step(kind, round_index, dtype)
+            rates[name] = captions_per_batch / (feature_s + decoder_s)
+            if timed:
+                run = runs[name]
+                run["feature_s"].append(feature_s)
+                run["decoder_s"].append(decoder_s)
+                run["step_s"].append(feature_s + decoder_s)
+                run["utilisation"].append(utilisation)
+        label = f"step {round_index - args.warmup + 1}/{args.steps}" if timed else "warm-up"
+        print(f"  {label}: " + ", ".join(f"{name} {rates[name]:.1f}" for name, _, _ in variants)
+              + " captions/s", flush=True)  # fmt: skip
+        if timed:
+            for name in ratios:
+                ratios[name].append(rates[name] / rates["reference"])
+    return runs, ratios
+
+
+def report_table(
+    args: argparse.Namespace, settings: dict, variants: list[tuple[str, str, str]], runs: dict, ratios: dict
+) -> list[dict]:
+    """Prints the table of medians (captions/s, seconds, ratio to the reference, verdict) and returns its rows."""
+    labels = {
+        "reference": "reference: encoder per caption",
+        "ours": "ours: encoder once per image",
+        "cached": "ours: cached features",
+    }
+    captions_per_batch, device = settings["captions_per_batch"], settings["device"]
+    print()
+    print(f"Results ({settings['device_name']}, {device}, threads {args.threads}, {args.model_size} model, "
+          f"vocabulary {args.vocab_size}, batch {settings['images_per_batch']} images x {args.captions_per_image} "
+          f"captions = {captions_per_batch} captions of {args.caption_length} +- {args.caption_jitter} "
+          f"tokens, frozen encoder; medians of {args.steps} steps):")  # fmt: skip
+    header = (f"  {'variant':<40} {'captions/s':>10} {'s/step':>7} {'features':>9} {'decoder':>8} "
+              f"{'cpu use':>7} {'vs ref':>8}  {'target':<8} verdict")  # fmt: skip
+    print(header)
+    table = []
+    for name, kind, dtype in variants:
+        run = runs[name]
+        step_s = median(run["step_s"])
+        row = {
+            "variant": name,
+            "label": f"{labels[kind]} ({dtype})",
+            "dtype": dtype,
+            "captions_per_s": captions_per_batch / step_s,
+            "step_s": step_s,
+            "feature_s": median(run["feature_s"]),
+            "decoder_s": median(run["decoder_s"]),
+            "utilisation": median(run["utilisation"]) if device == "cpu" else None,
+            "ratio": median(ratios[name]) if name in ratios else 1.0,
+            "target": f">= {TARGET_CACHED:g}x" if kind == "cached" else "",
+            "passed": (median(ratios[name]) >= TARGET_CACHED) if kind == "cached" else None,
+        }
+        table.append(row)
+        verdict = "" if row["passed"] is None else ("PASS" if row["passed"] else "FAIL")
+        use = "" if row["utilisation"] is None else f"{row['utilisation']:.2f}"
+        print(f"  {row['label']:<40} {row['captions_per_s']:10.1f} {step_s:7.3f} {row['feature_s']:9.3f} "
+              f"{row['decoder_s']:8.3f} {use:>7} {row['ratio']:7.2f}x  {row['target']:<8} {verdict}")  # fmt: skip
+    print(
+        "  (cached: --cache-features, the epochs after the first; features: encoder, or cache read + "
+        "collate + pooling;\n   decoder: forward, backward, clip, Adam; vs ref: median of the ratios within "
+        "each round)"
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # float32 means float32: with TF32 (on by default for cuDNN's convolutions) the float32 reference and
+    # the float32 exactness checks would depend on the batch size
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    settings = describe_settings(args, device)
+    images_per_batch, captions_per_batch = settings["images_per_batch"], settings["captions_per_batch"]
     print("bench_train: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -470,90 +579,8 @@ def main(argv: list[str] | None = None) -> dict:
         variants = [("reference", "reference", args.reference_dtype)]
         for dtype in args.dtypes:
             variants += [(f"ours_{dtype}", "ours", dtype), (f"cached_{dtype}", "cached", dtype)]
-        runs = {
-            name: {"feature_s": [], "decoder_s": [], "step_s": [], "utilisation": []}
-            for name, _, _ in variants
-        }
-        ratios = {name: [] for name, _, _ in variants if name != "reference"}
-
-        def run_step(kind: str, index: int, dtype: str) -> tuple[float, float, float]:
-            nonlocal cache
-            cpu_start = time.process_time()
-            if kind == "reference":
-                feature_s, decoder_s = trainer.reference(batches, index, dtype)
-            elif kind == "ours":
-                feature_s, decoder_s = trainer.ours(batches, index, dtype)
-            else:
-                if args.cold_cache:
-                    # a fresh reader (the old one's memory map closes with it), then the file out of the page cache
-                    cache = FeatureCache(cache.directory, cache.num_rows, cache.grid_shape)
-                    evict_page_cache(cache.directory / "features.npy")
-                feature_s, decoder_s = trainer.cached(batches, index, dtype, cache)
-            cpu = time.process_time() - cpu_start
-            return feature_s, decoder_s, cpu / max(feature_s + decoder_s, 1e-9) / args.threads
-
-        for round_index in range(args.warmup + args.steps):
-            timed = round_index >= args.warmup
-            shift = round_index % len(variants)
-            order = variants[shift:] + variants[:shift]
-            rates = {}
-            for name, kind, dtype in order:
-                feature_s, decoder_s, utilisation = run_step(kind, round_index, dtype)
-                rates[name] = captions_per_batch / (feature_s + decoder_s)
-                if timed:
-                    run = runs[name]
-                    run["feature_s"].append(feature_s)
-                    run["decoder_s"].append(decoder_s)
-                    run["step_s"].append(feature_s + decoder_s)
-                    run["utilisation"].append(utilisation)
-            label = f"step {round_index - args.warmup + 1}/{args.steps}" if timed else "warm-up"
-            print(f"  {label}: " + ", ".join(f"{name} {rates[name]:.1f}" for name, _, _ in variants)
-                  + " captions/s", flush=True)  # fmt: skip
-            if timed:
-                for name in ratios:
-                    ratios[name].append(rates[name] / rates["reference"])
-
-        # ---- report ---------------------------------------------------------------------------------
-        labels = {
-            "reference": "reference: encoder per caption",
-            "ours": "ours: encoder once per image",
-            "cached": "ours: cached features",
-        }
-        print()
-        print(f"Results ({device_name}, {device.type}, threads {args.threads}, {args.model_size} model, "
-              f"vocabulary {args.vocab_size}, batch {images_per_batch} images x {args.captions_per_image} "
-              f"captions = {captions_per_batch} captions of {args.caption_length} +- {args.caption_jitter} "
-              f"tokens, frozen encoder; medians of {args.steps} steps):")  # fmt: skip
-        header = (f"  {'variant':<40} {'captions/s':>10} {'s/step':>7} {'features':>9} {'decoder':>8} "
-                  f"{'cpu use':>7} {'vs ref':>8}  {'target':<8} verdict")  # fmt: skip
-        print(header)
-        table = []
-        for name, kind, dtype in variants:
-            run = runs[name]
-            step_s = median(run["step_s"])
-            row = {
-                "variant": name,
-                "label": f"{labels[kind]} ({dtype})",
-                "dtype": dtype,
-                "captions_per_s": captions_per_batch / step_s,
-                "step_s": step_s,
-                "feature_s": median(run["feature_s"]),
-                "decoder_s": median(run["decoder_s"]),
-                "utilisation": median(run["utilisation"]) if device.type == "cpu" else None,
-                "ratio": median(ratios[name]) if name in ratios else 1.0,
-                "target": f">= {TARGET_CACHED:g}x" if kind == "cached" else "",
-                "passed": (median(ratios[name]) >= TARGET_CACHED) if kind == "cached" else None,
-            }
-            table.append(row)
-            verdict = "" if row["passed"] is None else ("PASS" if row["passed"] else "FAIL")
-            use = "" if row["utilisation"] is None else f"{row['utilisation']:.2f}"
-            print(f"  {row['label']:<40} {row['captions_per_s']:10.1f} {step_s:7.3f} {row['feature_s']:9.3f} "
-                  f"{row['decoder_s']:8.3f} {use:>7} {row['ratio']:7.2f}x  {row['target']:<8} {verdict}")  # fmt: skip
-        print(
-            "  (cached: --cache-features, the epochs after the first; features: encoder, or cache read + "
-            "collate + pooling;\n   decoder: forward, backward, clip, Adam; vs ref: median of the ratios within "
-            "each round)"
-        )
+        runs, ratios = time_variants(args, trainer, batches, cache, variants, captions_per_batch)
+        table = report_table(args, settings, variants, runs, ratios)
         per_image = cache_info["bytes_per_image"]
         print(
             f"\nFeature cache: {'x'.join(map(str, grid_shape))} float16 = {per_image / 1024:.1f} KiB per image "
