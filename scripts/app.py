@@ -156,6 +156,13 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
             gr.Warning(f"Words the model does not know (scored as <unk>): {', '.join(result.unknown_words)}")
         yield gallery, figure_to_image(plot_search_results(result, searched))
 
+    def figure_view(label: str, elem_id: str) -> Any:
+        """Where an attention figure is shown (read-only, PNG)."""
+        # No label badge: it would cover the figure's own caption in its top left corner.
+        return gr.Image(
+            type="pil", format="png", label=label, show_label=False, interactive=False, elem_id=elem_id
+        )
+
     with gr.Blocks(title="Show, Attend and Tell") as demo:
         gr.Markdown("# Show, Attend and Tell")
         with gr.Tab("Caption", id="caption-tab"):
@@ -188,15 +195,7 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
                     button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 with gr.Column(scale=2):
                     text = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
-                    # No label badge: it would cover the figure's own caption in its top left corner.
-                    figure = gr.Image(
-                        type="pil",
-                        format="png",
-                        label="Attention",
-                        show_label=False,
-                        interactive=False,
-                        elem_id="figure",
-                    )
+                    figure = figure_view("Attention", "figure")
             gr.on([button.click, image.upload], caption, inputs=[image, beams, words], outputs=[text, figure])
             if examples:
                 gr.Examples(
@@ -218,14 +217,7 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
             hits = gr.Gallery(
                 label="Best matches", columns=6, height="auto", object_fit="contain", elem_id="hits"
             )
-            search_figure = gr.Image(
-                type="pil",
-                format="png",
-                label="Attention of each word",
-                show_label=False,
-                interactive=False,
-                elem_id="search-figure",
-            )
+            search_figure = figure_view("Attention of each word", "search-figure")
             gr.on(
                 [search_button.click, query.submit],
                 search,
