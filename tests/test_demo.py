@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
-
-DEMO_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+from conftest import load_script, reset_accelerate
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("SHOW_ATTEND_TELL_CACHE", str(tmp_path / "cache"))  # the synthetic data goes here
-    spec = importlib.util.spec_from_file_location("demo_script_under_test", DEMO_SCRIPT)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demo")
     output = tmp_path / "demo"
     argv = "--num-train 120 --num-validation 12 --num-test 12 --train-images 480 --max-minutes 2 --figures 2"
     try:
         assert demo.main([*argv.split(), "--output-dir", str(output)]) == 0
     finally:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate()
 
     captured = capsys.readouterr()
     printed = captured.out
@@ -48,3 +41,15 @@ def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
         assert figure.stat().st_size > 10_000
         assert str(figure) in printed
     assert (output / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_demo_training_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("SHOW_ATTEND_TELL_CACHE", str(tmp_path / "cache"))
+    demo = load_script("demo")
+    argv = "--num-train 8 --num-validation 2 --num-test 2 --train-images 0"
+    try:
+        assert demo.main([*argv.split(), "--output-dir", str(tmp_path / "demo")]) == 2
+    finally:
+        reset_accelerate()
+    error = capsys.readouterr().err
+    assert error.strip() == "training failed: --max-train-images must be positive, got 0"
