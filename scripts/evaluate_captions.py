@@ -16,64 +16,37 @@
 
 How it works: DataLoader workers decode and preprocess the pictures; the main process runs the encoder
 once per batch and `model.generate()` once per beam size on the same features (so `--num-beams 1 3 5`
-costs one encoder pass, not three), under `torch.inference_mode` and optionally bf16 autocast. Captions
-are decoded with the processor's `batch_decode`, which drops <start>, <end> and <pad>. The scores are
-corpus-level, computed by `show_attend_tell.metrics.compute_caption_metrics` (pycocoevalcap definitions)
-with coco-caption's own tokenisation, the Stanford PTB tokeniser, which needs Java (as METEOR does). Without
-Java the script says so in one line and stops before any work, rather than print other numbers; with
-`--approximate-tokenization` it scores with a pure-Python imitation instead, leaves METEOR out, and labels the
-scores approximate in the table, the JSON (`"tokenization": "approximate"`) and the model card.
+costs one encoder pass, not three), under `torch.inference_mode` and optionally bf16 autocast. The scoring,
+the table, the JSON report and the model card are `show_attend_tell.evaluation` (its docstring describes the
+report that `--output` writes), with coco-caption's own tokenisation, the Stanford PTB tokeniser, which needs
+Java (as METEOR does). Without Java the script says so in one line and stops before any work, rather than print
+other numbers; with `--approximate-tokenization` it scores with a pure-Python imitation instead, leaves METEOR
+out, and labels the scores approximate in the table, the JSON and the model card.
 
-The JSON written by `--output`:
-
-    {"model": ..., "dataset": ..., "split": ..., "num_images": N,
-     "tokenization": "ptb",                # or "approximate" (--approximate-tokenization): not official scores
-     "results": {"beam_1": {"bleu_1": ..., ..., "cider": ...}, "beam_3": {...}},   # fractions (CIDEr 0-10)
-     "predictions": {"beam_1": [{"image_id", "caption", "references"}, ...], ...},
-     "retrieval": {"recall@1": ..., ...},                                        # with --retrieval only
-     "settings": {...}, "timings": {...}, "warnings": [...], "versions": {...}}
-
-With `--predictions FILE` the one entry of "results" and "predictions" is named "predictions". Such a
-results file is itself accepted by `--predictions` (`--predictions-entry beam_3` picks the beam size), so
-captions can be scored again, e.g. with METEOR once Java is installed, without generating them again.
+With `--predictions FILE` the one entry of the report's "results" and "predictions" is named "predictions". Such
+a report is itself accepted by `--predictions` (`--predictions-entry beam_3` picks the beam size), so captions can
+be scored again, e.g. with METEOR once Java is installed, without generating them again.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from show_attend_tell import evaluation
+from show_attend_tell.data import DATASET_OPTION_HELP, DatasetDownloadError, parse_dataset_options
+from show_attend_tell.evaluation import PREDICTIONS_LABEL, EvaluationError
+from show_attend_tell.metrics import DEFAULT_METRICS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CARD = REPO_ROOT / "model_card.md"
 PROG = "evaluate_captions.py"
-
-METRIC_CHOICES = ("bleu", "meteor", "rouge", "cider")
-# (key in the scores, column name in the table), in the paper's order.
-TABLE_COLUMNS = [
-    ("bleu_1", "BLEU-1"),
-    ("bleu_2", "BLEU-2"),
-    ("bleu_3", "BLEU-3"),
-    ("bleu_4", "BLEU-4"),
-    ("meteor", "METEOR"),
-    ("rouge_l", "ROUGE-L"),
-    ("cider", "CIDEr"),
-]
-RETRIEVAL_KS = (1, 5, 10)
-PREDICTIONS_LABEL = "predictions"  # the results entry of a --predictions run
-
-
-class EvaluationError(Exception):
-    """A problem with the inputs that the user can fix; printed as one line, exit status 2."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Command line
@@ -120,8 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra option for the dataset loader, e.g. image_size=64 or revision=main (repeatable; "
-        "VALUE is read as JSON when it parses, else as a string)",
+        help=DATASET_OPTION_HELP,
     )
     data.add_argument("--split", default="test", help="train, validation (val) or test (default %(default)s)")
     data.add_argument("--max-samples", type=int, help="evaluate only the first N images of the split")
@@ -162,8 +134,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     scoring.add_argument(
         "--metrics",
         nargs="+",
-        choices=METRIC_CHOICES,
-        default=list(METRIC_CHOICES),
+        choices=DEFAULT_METRICS,
+        default=list(DEFAULT_METRICS),
         help="scores to compute (default: all four)",
     )
     scoring.add_argument(
@@ -212,7 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if any(beams < 1 for beams in args.num_beams):
         parser.error(f"--num-beams must be at least 1, got {args.num_beams}")
     args.num_beams = sorted(set(args.num_beams))
-    args.metrics = [name for name in METRIC_CHOICES if name in args.metrics]
+    args.metrics = [name for name in DEFAULT_METRICS if name in args.metrics]
     if args.model is not None and not Path(args.model).exists() and looks_like_path(args.model):
         parser.error(f"--model {args.model}: no such folder")
     if args.predictions is not None and args.retrieval:
@@ -222,7 +194,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         args.dataset_options = parse_dataset_options(args.dataset_option)
     except ValueError as error:
-        parser.error(f"--dataset-option: {error}")
+        parser.error(str(error))
     return args
 
 
@@ -231,100 +203,43 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
 
 
-def parse_dataset_options(items: Sequence[str]) -> dict[str, Any]:
-    """["image_size=64", "revision=main"] -> {"image_size": 64, "revision": "main"}."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
-
-
-# --------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------
-
-
-def load_split(args: argparse.Namespace) -> Any:
-    """The requested split as a `datasets.Dataset` with image, captions and image_id."""
-    from show_attend_tell.data import DatasetDownloadError, canonical_split, load_caption_dataset
-
-    try:
-        split = canonical_split(args.split)
-    except ValueError as error:
-        raise EvaluationError(str(error)) from None
-    options = dict(args.dataset_options)
-    if str(args.dataset).strip().lower() == "synthetic":
-        # Synthetic pictures are generated per split and index, so the other splits need not be made.
-        for other in ("train", "validation", "test"):
-            if other != split:
-                options.setdefault(f"num_{other}", 0)
-    try:
-        dataset = load_caption_dataset(
-            args.dataset,
-            data_dir=args.data_dir,
-            image_dir=args.image_dir,
-            cache_dir=args.cache_dir,
-            splits=[split],
-            max_samples_per_split=args.max_samples,
-            **options,
-        )
-    except DatasetDownloadError as error:  # no network: say how to get the files, in this script's options
-        raise EvaluationError(f"--dataset {args.dataset}: {error.command_line_message()}") from None
-    except (ValueError, FileNotFoundError) as error:
-        raise EvaluationError(f"--dataset {args.dataset}: {error}") from None
-    rows = dataset[split]
-    if len(rows) == 0:
-        raise EvaluationError(f"the {split} split of {args.dataset} is empty")
-    return rows
-
-
-def references_by_id(rows: Any) -> dict[str, list[str]]:
-    """image_id -> its non-empty reference captions, in the split's order; ids must be unique."""
-    references: dict[str, list[str]] = {}
-    for image_id, captions in zip(rows["image_id"], rows["captions"], strict=True):
-        image_id = str(image_id)
-        if image_id in references:
-            raise EvaluationError(f"the dataset has image_id {image_id!r} twice; ids must be unique")
-        captions = [c for c in captions or [] if isinstance(c, str) and c.strip()]
-        if not captions:
-            raise EvaluationError(f"image {image_id!r} has no reference caption")
-        references[image_id] = captions
-    return references
-
-
-def dataset_display_name(dataset: str) -> str:
-    """How the card and table name the data: "Flickr30K" for the hub dataset, else the name given."""
-    key = str(dataset).strip().lower()
-    if key == "flickr30k":
-        return "Flickr30K"
-    return Path(dataset).name if os.sep in str(dataset) or "/" in str(dataset) else str(dataset)
-
-
 # --------------------------------------------------------------------------------------------------
 # Captioning
 # --------------------------------------------------------------------------------------------------
 
 
-def load_model(path: str, device: Any, trust_remote_code: bool = False) -> tuple[Any, Any]:
+def prepare_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """
-    The model and processor of a saved folder, loaded as every script loads one (`load_model_and_processor`:
-    the folder's code files run only with `trust_remote_code`).
+    The device, and the model and processor of --model on it with the decoding options asked for, loaded as every
+    script loads one (`load_model_and_processor`: the folder's code files run only with --trust-remote-code).
     """
-    from show_attend_tell.hub import load_model_and_processor
+    import torch
+
+    from show_attend_tell.device import pick_device
+    from show_attend_tell.hub import load_model_and_processor, set_decoding_options
 
     try:
-        model, processor = load_model_and_processor(path, device=device, trust_remote_code=trust_remote_code)
+        device = pick_device(args.device)
+    except ValueError as error:
+        raise EvaluationError(f"--device {error}") from None
+    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EvaluationError("--bf16: this GPU does not support bfloat16")
+    try:
+        model, processor = load_model_and_processor(
+            args.model, device=device, trust_remote_code=args.trust_remote_code
+        )
     except OSError as error:
-        raise EvaluationError(f"--model {path}: cannot load it ({error})") from None
+        raise EvaluationError(f"--model {args.model}: cannot load it ({error})") from None
     if not hasattr(model, "generate"):
-        raise EvaluationError(f"--model {path}: {type(model).__name__} cannot generate captions")
-    return model, processor
+        raise EvaluationError(f"--model {args.model}: {type(model).__name__} cannot generate captions")
+    try:
+        set_decoding_options(
+            model, fuse_attention_scores=args.fuse_attention, capture_steps=args.capture_steps
+        )
+    except ValueError as error:
+        raise EvaluationError(f"--model {args.model}: {error}") from None
+    print(f"model {args.model} on {device}{' (bf16 autocast)' if args.bf16 else ''}")
+    return device, model, processor
 
 
 def caption_split(
@@ -409,225 +324,8 @@ def caption_split(
 
 
 # --------------------------------------------------------------------------------------------------
-# A predictions file
-# --------------------------------------------------------------------------------------------------
-
-
-def read_predictions(
-    path: Path, references: dict[str, list[str]], where: str, entry: str | None = None
-) -> list[str]:
-    """Captions of a predictions file, in the order of `references` (the split's order).
-
-    The file holds one JSON object per line, {"image_id": ..., "caption": ...} (other keys are ignored),
-    or one JSON array of such objects, or is a results file written by this script (`entry` picks its
-    beam size, e.g. "beam_3", when it holds several). Every image of the split needs exactly one caption.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise EvaluationError(f"--predictions {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise EvaluationError(f"--predictions {path}: not UTF-8 text ({error.reason})") from None
-
-    # Each entry: (how an error names it, the parsed value). A file that parses as a whole into a list is
-    # a JSON array, into an object with "predictions" one of our results files; else it is JSON lines.
-    whole: Any = None
-    if text.lstrip().startswith(("[", "{")):
-        with contextlib.suppress(json.JSONDecodeError):
-            whole = json.loads(text)
-    entries: list[tuple[str, Any]] = []
-    if isinstance(whole, list):
-        entries = [(f"{path}: entry {n}", value) for n, value in enumerate(whole, start=1)]
-    elif isinstance(whole, dict) and isinstance(whole.get("predictions"), dict):
-        available = list(whole["predictions"])
-        if entry is None and len(available) == 1:
-            entry = available[0]
-        if entry not in available:
-            raise EvaluationError(
-                f"{path} is a results file with captions for {available}: pick one with --predictions-entry"
-            )
-        rows = whole["predictions"][entry]
-        entries = [(f"{path}: predictions.{entry} entry {n}", value) for n, value in enumerate(rows, start=1)]
-    else:
-        # JSON lines are separated by "\n" only: str.splitlines() would also cut at U+2028, U+0085 and
-        # the other Unicode line breaks, which JSON strings may hold unescaped.
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"{path}: line {number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise EvaluationError(
-                    f"{path}: line {number}: not valid JSON ({error.msg}); expected JSON lines, one object "
-                    'per line like {"image_id": "...", "caption": "..."}, or a JSON array of such objects'
-                ) from None
-    if not entries:
-        raise EvaluationError(f"{path}: no predictions in the file")
-
-    captions: dict[str, str] = {}
-    first_seen: dict[str, str] = {}
-    for label, row in entries:
-        if not isinstance(row, dict):
-            raise EvaluationError(
-                f"{label}: expected a JSON object with image_id and caption, got {row!r:.60}"
-            )
-        if "image_id" not in row:
-            raise EvaluationError(f"{label}: no image_id")
-        image_id = str(row["image_id"])
-        caption = row.get("caption")
-        if caption is None:
-            reason = f" (the captioning run reported: {row['error']})" if "error" in row else ""
-            raise EvaluationError(f"{label}: image {image_id!r} has no caption{reason}")
-        if not isinstance(caption, str):
-            raise EvaluationError(
-                f"{label}: the caption of {image_id!r} is a {type(caption).__name__}, not a string"
-            )
-        if image_id in captions:
-            raise EvaluationError(f"{label}: image_id {image_id!r} again (first at {first_seen[image_id]})")
-        if image_id not in references:
-            raise EvaluationError(
-                f"{label}: unknown image_id {image_id!r}: {where} has no such image "
-                f"({len(references)} images, e.g. {list(references)[:3]}; --max-samples keeps only the first N)"
-            )
-        captions[image_id] = caption
-        first_seen[image_id] = label.split(": ", 1)[1]
-
-    missing = [image_id for image_id in references if image_id not in captions]
-    if missing:
-        raise EvaluationError(
-            f"{path}: no caption for {len(missing)} of the {len(references)} images of {where}, "
-            f"e.g. {missing[:5]}"
-        )
-    return [" ".join(captions[image_id].split()) for image_id in references]
-
-
-# --------------------------------------------------------------------------------------------------
-# Scores
-# --------------------------------------------------------------------------------------------------
-
-
-def tokenization(args: argparse.Namespace) -> str:
-    """
-    The `tokenizer` of the scores: the official one ("ptb"), or "approximate" when asked for. Without Java and
-    without the flag, an EvaluationError (one line) before any data is read or caption generated.
-    """
-    from show_attend_tell.metrics import java_available
-
-    if args.approximate_tokenization:
-        return "approximate"
-    if not java_available():
-        raise EvaluationError(
-            "no working `java` on PATH: official scores need coco-caption's PTB tokeniser, which runs Java "
-            "(e.g. `sudo apt-get install default-jre-headless`); or pass --approximate-tokenization for scores "
-            "labelled approximate"
-        )
-    return "ptb"
-
-
-def score(
-    captions: list[str],
-    references: list[list[str]],
-    metrics: list[str],
-    meteor_timeout: float,
-    tokenizer: str = "ptb",
-) -> tuple[dict[str, float], list[str]]:
-    """Corpus scores and the metric's warnings (e.g. METEOR left out for want of Java)."""
-    from show_attend_tell.metrics import compute_caption_metrics
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            scores = compute_caption_metrics(
-                captions, references, metrics=metrics, meteor_timeout=meteor_timeout, tokenizer=tokenizer
-            )
-        except (RuntimeError, ImportError) as error:  # e.g. only METEOR asked for and no Java
-            raise EvaluationError(str(error)) from None
-    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    return scores, messages
-
-
-def best_label(results: dict[str, dict[str, float]]) -> str:
-    """The results entry with the highest BLEU-4 (the first one when BLEU was not computed)."""
-    labels = list(results)
-    if not all("bleu_4" in results[label] for label in labels):
-        return labels[0]
-    return max(labels, key=lambda label: results[label]["bleu_4"])
-
-
-def format_table(
-    results: dict[str, dict[str, float]], retrieval: dict[str, Any] | None = None, tokenizer: str = "ptb"
-) -> str:
-    """
-    Beam size x metric, in percent with one decimal as in the paper (CIDEr x 100 too); approximate scores
-    say so above the table and in every row.
-    """
-    from show_attend_tell.metrics import TOKENIZATION_LABELS
-
-    approximate = tokenizer == "approximate"
-    columns = [(key, name) for key, name in TABLE_COLUMNS if any(key in s for s in results.values())]
-    rows = [["Decoding", *(name for _, name in columns)]]
-    for label, scores in results.items():
-        decoding = label.replace("beam_", "beam ") if label.startswith("beam_") else label
-        decoding += " (approx.)" if approximate else ""
-        rows.append([decoding, *(f"{100 * scores[key]:.1f}" if key in scores else "-" for key, _ in columns)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [f"scores: {TOKENIZATION_LABELS[tokenizer]}"] if approximate else []
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [
-            cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    if retrieval:
-        recalls = "  ".join(f"R@{k} {100 * retrieval[f'recall@{k}']:.1f}" for k in RETRIEVAL_KS)
-        lines.append("")
-        lines.append(
-            f"text->image retrieval ({retrieval['num_queries']} captions, {retrieval['num_images']} images): "
-            f"{recalls}  median rank {retrieval['median_rank']:g}"
-        )
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model card
-# --------------------------------------------------------------------------------------------------
-
-
-def card_results(
-    results: dict[str, dict[str, float]], dataset_name: str, split: str, which: str, tokenizer: str = "ptb"
-) -> dict[str, Any]:
-    """The results in the shape `show_attend_tell.hub.render_model_card` reads."""
-    labels = [best_label(results)] if which == "best" else list(results)
-    entries = []
-    for label in labels:
-        beams = int(label.removeprefix("beam_")) if label.startswith("beam_") else None
-        entries.append({"num_beams": beams, "metrics": dict(results[label])})
-    return {"dataset": dataset_name, "split": split, "tokenization": tokenizer, "results": entries}
-
-
-def update_model_card(card_path: Path, eval_results: dict[str, Any]) -> None:
-    """Rewrites the card's model-index metadata and results table with `eval_results` (hub.py's renderer)."""
-    from show_attend_tell.atomic_files import write_text_atomic
-    from show_attend_tell.hub import render_model_card
-
-    card = render_model_card(card_path.read_text(encoding="utf-8"), eval_results=eval_results)
-    write_text_atomic(card_path, card if card.endswith("\n") else card + "\n")
-
-
-# --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as metadata
-
-    found = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "pycocoevalcap", "show-attend-tell"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found[package] = metadata.version(package)
-    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -641,157 +339,101 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    timings: dict[str, Any] = {}
-    tokenizer = tokenization(args)  # before any work: without Java there are no official scores to give
-
-    rows = load_split(args)
-    references = references_by_id(rows)
-    image_ids = list(references)
+    tokenizer = evaluation.choose_tokenization(args.approximate_tokenization)  # before any work
+    try:
+        rows = evaluation.load_split(
+            args.dataset,
+            args.split,
+            data_dir=args.data_dir,
+            image_dir=args.image_dir,
+            cache_dir=args.cache_dir,
+            max_samples=args.max_samples,
+            options=args.dataset_options,
+        )
+    except DatasetDownloadError as error:  # no network: say how to get the files, in this script's options
+        raise EvaluationError(f"--dataset {args.dataset}: {error.command_line_message()}") from None
+    references = evaluation.references_by_id(rows)
     where = f"the {args.split} split of {args.dataset}"
-    print(f"{where}: {len(image_ids)} images, {sum(map(len, references.values()))} reference captions")
-    timings["data_seconds"] = time.perf_counter() - started
+    print(f"{where}: {len(references)} images, {sum(map(len, references.values()))} reference captions")
+    timings: dict[str, Any] = {"data_seconds": time.perf_counter() - started}
 
-    # Captions: {label: captions in the split's order}.
-    retrieval = None
-    device = None
+    # Captions: {results entry: captions in the split's order}.
+    retrieval = device = None
     if args.predictions is not None:
         captions = {
-            PREDICTIONS_LABEL: read_predictions(args.predictions, references, where, args.predictions_entry)
+            PREDICTIONS_LABEL: evaluation.read_predictions(
+                args.predictions, references, where, args.predictions_entry
+            )
         }
     else:
-        import torch
-
-        from show_attend_tell.device import pick_device
-
-        try:
-            device = pick_device(args.device)
-        except ValueError as error:
-            raise EvaluationError(f"--device {error}") from None
-        if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise EvaluationError("--bf16: this GPU does not support bfloat16")
-        model, processor = load_model(args.model, device, args.trust_remote_code)
-        from show_attend_tell.hub import set_decoding_options
-
-        try:
-            set_decoding_options(
-                model, fuse_attention_scores=args.fuse_attention, capture_steps=args.capture_steps
-            )
-        except ValueError as error:
-            raise EvaluationError(f"--model {args.model}: {error}") from None
-        print(f"model {args.model} on {device}{' (bf16 autocast)' if args.bf16 else ''}")
+        device, model, processor = prepare_model(args)
         by_beams, caption_timings = caption_split(model, processor, rows, args, device)
         captions = {f"beam_{beams}": texts for beams, texts in by_beams.items()}
         timings.update(caption_timings)
         if args.retrieval:
-            retrieval, timings["retrieval_seconds"] = run_retrieval(model, processor, rows, args, device)
-
-    # Scores, one corpus per beam size. A failure here (e.g. only METEOR asked for and no Java) still
-    # writes the captions, so they need not be generated again.
-    reference_lists = [references[image_id] for image_id in image_ids]
-    results: dict[str, dict[str, float]] = {}
-    messages: list[str] = []
-    scoring_error = None
-    for label, texts in captions.items():
-        tick = time.perf_counter()
-        try:
-            results[label], caught = score(
-                texts, reference_lists, args.metrics, args.meteor_timeout, tokenizer
+            retrieval, timings["retrieval_seconds"] = evaluation.run_retrieval(
+                model,
+                processor,
+                rows,
+                batch_size=args.retrieval_batch_size,
+                bf16=args.bf16,
+                progress=not args.no_progress,
             )
-        except EvaluationError as error:
-            scoring_error = error
-            break
-        timings[f"scoring_seconds_{label}"] = time.perf_counter() - tick
-        messages += [m for m in caught if m not in messages]
-    for message in messages:
+
+    # One corpus per beam size. A failure (e.g. only METEOR asked for and no Java) still writes the captions
+    # below, so that they need not be generated again.
+    scores = evaluation.score_captions(
+        captions, references, metrics=args.metrics, meteor_timeout=args.meteor_timeout, tokenizer=tokenizer
+    )
+    timings.update(scores.timings, total_seconds=time.perf_counter() - started)
+    for message in scores.warnings:
         print(f"warning: {message}", file=sys.stderr)
-    timings["total_seconds"] = time.perf_counter() - started
-
-    if results:
+    if scores.results:
         print()
-        print(format_table(results, retrieval, tokenizer))
-    if len(results) > 1 and all("bleu_4" in s for s in results.values()):
-        print(f"best by BLEU-4: {best_label(results).replace('beam_', 'beam ')}")
+        print(evaluation.format_table(scores.results, retrieval, tokenizer))
+    if len(scores.results) > 1 and all("bleu_4" in s for s in scores.results.values()):
+        print(f"best by BLEU-4: {evaluation.best_label(scores.results).replace('beam_', 'beam ')}")
 
-    from show_attend_tell.metrics import TOKENIZATION_LABELS
-
-    report = {
-        "model": args.model,
-        "dataset": args.dataset,
-        "split": args.split,
-        "num_images": len(image_ids),
-        "tokenization": tokenizer,
-        "results": results,
-        "predictions": {
-            label: [
-                {"image_id": image_id, "caption": caption, "references": references[image_id]}
-                for image_id, caption in zip(image_ids, texts, strict=True)
-            ]
-            for label, texts in captions.items()
-        },
-        "settings": {
-            "predictions_file": str(args.predictions) if args.predictions is not None else None,
-            "num_beams": args.num_beams if args.predictions is None else None,
-            "batch_size": args.batch_size,
-            "max_new_tokens": args.max_new_tokens,
-            "num_workers": args.num_workers,
-            "device": str(device) if device is not None else None,
-            "bf16": args.bf16,
-            "fuse_attention": args.fuse_attention,
-            "capture_steps": args.capture_steps,
-            "metrics": args.metrics,
-            "max_samples": args.max_samples,
-            "data_dir": args.data_dir,
-            "dataset_options": args.dataset_options,
-            "tokenization": TOKENIZATION_LABELS[tokenizer],
-        },
-        "timings": timings,
-        "warnings": messages,
-        "versions": versions(),
-    }
-    if retrieval is not None:
-        report["retrieval"] = retrieval
+    report = evaluation.build_report(
+        model=args.model,
+        dataset=args.dataset,
+        split=args.split,
+        references=references,
+        captions=captions,
+        scores=scores,
+        tokenizer=tokenizer,
+        settings=report_settings(args, device),
+        timings=timings,
+        retrieval=retrieval,
+    )
     if args.output is not None:
-        from show_attend_tell.atomic_files import write_text_atomic
-
-        write_text_atomic(args.output, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        evaluation.write_report(args.output, report)
         print(f"results written to {args.output}")
-    if scoring_error is not None:
-        raise scoring_error
-
+    if scores.error is not None:
+        raise scores.error
     if args.update_model_card is not None:
-        split_name = args.split if args.max_samples is None else f"{args.split} (first {len(image_ids)})"
-        eval_results = card_results(
-            results, dataset_display_name(args.dataset), split_name, args.card_beams, tokenizer
-        )
-        update_model_card(args.update_model_card, eval_results)
+        evaluation.update_model_card(args.update_model_card, report, beams=args.card_beams)
         print(f"model card updated: {args.update_model_card}")
     return 0
 
 
-def run_retrieval(
-    model: Any, processor: Any, rows: Any, args: argparse.Namespace, device: Any
-) -> tuple[dict, float]:
-    """Text-to-image Recall@1/5/10 over the split (show_attend_tell.retrieval)."""
-    import torch
-
-    try:
-        from show_attend_tell.retrieval import retrieval_recall
-    except ImportError as error:
-        raise EvaluationError(
-            f"--retrieval needs show_attend_tell.retrieval.retrieval_recall ({error})"
-        ) from None
-    kwargs = {"batch_size": args.retrieval_batch_size} if args.retrieval_batch_size else {}
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if args.bf16
-        else contextlib.nullcontext()
-    )
-    tick = time.perf_counter()
-    with torch.inference_mode(), autocast:
-        recall = retrieval_recall(
-            model, processor, rows, ks=RETRIEVAL_KS, progress=not args.no_progress, **kwargs
-        )
-    return dict(recall), time.perf_counter() - tick
+def report_settings(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """The options that made the report's numbers."""
+    return {
+        "predictions_file": str(args.predictions) if args.predictions is not None else None,
+        "num_beams": args.num_beams if args.predictions is None else None,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "num_workers": args.num_workers,
+        "device": str(device) if device is not None else None,
+        "bf16": args.bf16,
+        "fuse_attention": args.fuse_attention,
+        "capture_steps": args.capture_steps,
+        "metrics": args.metrics,
+        "max_samples": args.max_samples,
+        "data_dir": args.data_dir,
+        "dataset_options": args.dataset_options,
+    }
 
 
 if __name__ == "__main__":

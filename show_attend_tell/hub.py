@@ -62,17 +62,18 @@ PAPER_FLICKR30K_SOFT_ATTENTION = {
     "METEOR": 18.49,
 }
 
-# Metric name (any common spelling, compared without case and punctuation) -> (shown name, model-index type).
+# Score key of an evaluation report (`compute_caption_metrics`) -> (name shown on the card, model-index type).
 _METRICS = {
-    "bleu1": ("BLEU-1", "bleu"),
-    "bleu2": ("BLEU-2", "bleu"),
-    "bleu3": ("BLEU-3", "bleu"),
-    "bleu4": ("BLEU-4", "bleu"),
+    "bleu_1": ("BLEU-1", "bleu"),
+    "bleu_2": ("BLEU-2", "bleu"),
+    "bleu_3": ("BLEU-3", "bleu"),
+    "bleu_4": ("BLEU-4", "bleu"),
     "meteor": ("METEOR", "meteor"),
-    "rougel": ("ROUGE-L", "rouge"),
+    "rouge_l": ("ROUGE-L", "rouge"),
     "cider": ("CIDEr", "cider"),
 }
 _METRIC_ORDER = [shown for shown, _ in _METRICS.values()]
+_METRIC_TYPES = dict(_METRICS.values())
 
 
 class ModelLoadError(OSError):
@@ -448,82 +449,51 @@ def set_decoding_options(
 _LEGACY_TOKENIZATION = "coco-caption PTB (Java with METEOR, else the pure-Python equivalent)"
 
 
-def _metric_key(name: str) -> str | None:
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
-    key = {"rouge": "rougel", "ciderd": "cider"}.get(key, key)
-    return key if key in _METRICS else None
-
-
-def _beam_of(name: Any) -> int | None:
-    found = re.fullmatch(r"(?:beam(?:_?size)?[_\-\s]?)?(\d+)", str(name).strip().lower())
-    return int(found.group(1)) if found else None
-
-
-def normalize_eval_results(raw: Mapping[str, Any]) -> dict[str, Any]:
+def normalize_eval_results(report: Mapping[str, Any]) -> dict[str, Any]:
     """
-    Reads evaluation results in any of the shapes below and returns
-    `{"dataset": str, "split": str, "results": [{"num_beams": int | None, "metrics": {"BLEU-4": 19.1, ...}}]}`
-    with metric values in percent (coco-caption's fractions are multiplied by 100).
+    Reads the report of `scripts/evaluate_captions.py --output` (`show_attend_tell.evaluation.build_report`,
+    or its `card_results`) and returns what the model card shows:
+    `{"dataset": str, "split": str, "tokenization": "ptb" | "approximate",
+    "results": [{"num_beams": int | None, "metrics": {"BLEU-4": 19.1, ...}}]}`, with the scores in percent.
 
-    Accepted: the report of `scripts/evaluate_captions.py --output` (`{"results": {"beam_1": {...}, "beam_3": {...}},
-    ...}`), `{"results": [{"num_beams": 3, "metrics": {...}}, ...]}`, `{"beam_3": {...}, "beam_5": {...}}`,
-    `{"metrics": {...}, "num_beams": 3}`, or a flat `{"BLEU-4": 0.191, "METEOR": 0.185, ...}`; metric names
-    in any usual spelling (`Bleu_4`, `bleu-4`, `BLEU4`, `ROUGE_L`, `CIDEr`). Optional top-level `dataset`
-    and `split`. Unknown metric names and other keys (predictions, settings, timings) are ignored.
+    The report's `results` map an entry (`beam_N`, or `predictions` for captions read from a file) to its scores
+    (`bleu_1`..`bleu_4`, `meteor`, `rouge_l`, `cider`, fractions); its other keys (captions, settings, timings)
+    are not shown. The dataset is named by its source name or file name (never a local path), a report of the
+    first N images of a split (`settings.max_samples`) names its split "test (first N)", and approximate scores
+    (`"tokenization": "approximate"`) stay labelled so.
 
-    Two facts about how the scores were made stay with them: `"tokenization": "approximate"` (scripts/evaluate_captions.py
-    --approximate-tokenization) comes back as `"tokenization": "approximate"` (else "ptb"), and a report of the
-    first N images of a split (`settings.max_samples`) names its split "test (first N)".
+    Raises:
+        ValueError: not such a report, or one without any of these scores.
     """
-    dataset = str(raw.get("dataset") or "Flickr30K")
-    if "flickr30k" in dataset.lower():
-        dataset = "Flickr30K"  # the hub name, a local copy's path and the source name all mean this
-    split = str(raw.get("split") or "test")
-    settings = raw.get("settings") if isinstance(raw.get("settings"), Mapping) else {}
-    if settings.get("max_samples") is not None and "(first " not in split:
-        split = f"{split} (first {raw.get('num_images', settings['max_samples'])})"
-    tokenization = "approximate" if str(raw.get("tokenization", "")).lower() == "approximate" else "ptb"
-    entries: list[tuple[int | None, Mapping[str, Any]]] = []
-    if isinstance(raw.get("results"), Mapping):  # scripts/evaluate_captions.py: one entry per beam size
-        entries.extend((_beam_of(label), metrics) for label, metrics in raw["results"].items())
-    elif isinstance(raw.get("results"), list):
-        for entry in raw["results"]:
-            beams = entry.get("num_beams", entry.get("beam_size", entry.get("beam")))
-            entries.append((int(beams) if beams is not None else None, entry.get("metrics", entry)))
-    elif isinstance(raw.get("metrics"), Mapping):
-        beams = raw.get("num_beams", raw.get("beam_size"))
-        entries.append((int(beams) if beams is not None else None, raw["metrics"]))
-    else:
-        nested = {k: v for k, v in raw.items() if isinstance(v, Mapping) and _beam_of(k) is not None}
-        if nested:
-            entries.extend(
-                (_beam_of(k), v) for k, v in sorted(nested.items(), key=lambda kv: _beam_of(kv[0]))
-            )
-        else:
-            beams = raw.get("num_beams", raw.get("beam_size"))
-            entries.append((int(beams) if isinstance(beams, (int, float, str)) else None, raw))
-
+    entries = report.get("results")
+    if not isinstance(entries, Mapping):
+        raise ValueError(
+            'not an evaluation report of scripts/evaluate_captions.py --output (no "results" object of scores '
+            "per beam size)"
+        )
     results = []
-    for beams, metrics in entries:
-        if not isinstance(metrics, Mapping):
-            continue
-        values = {}
-        for name, value in metrics.items():
-            key = _metric_key(str(name))
-            if key is not None and isinstance(value, (int, float)) and math.isfinite(value):
-                values[_METRICS[key][0]] = float(value)
+    for label, scores in entries.items():
+        beams = str(label).removeprefix("beam_")
+        values = {
+            _METRICS[key][0]: round(100.0 * float(value), 2)
+            for key, value in (scores.items() if isinstance(scores, Mapping) else ())
+            if key in _METRICS and isinstance(value, (int, float)) and math.isfinite(value)
+        }
         if values:
-            results.append({"num_beams": beams, "metrics": values})
+            results.append({"num_beams": int(beams) if beams.isdigit() else None, "metrics": values})
     if not results:
         raise ValueError("the evaluation results name none of BLEU-1..4, METEOR, ROUGE-L, CIDEr")
-    # coco-caption reports fractions; the card (and the paper) use percent. Decide once for the whole file
-    # from the metrics that cannot exceed 1 as fractions (CIDEr can).
-    bounded = [v for r in results for k, v in r["metrics"].items() if k != "CIDEr"]
-    if bounded and max(bounded) <= 1.0:
-        for result in results:
-            result["metrics"] = {k: v * 100.0 for k, v in result["metrics"].items()}
-    for result in results:
-        result["metrics"] = {k: round(v, 2) for k, v in result["metrics"].items()}
+
+    dataset = str(report.get("dataset") or "Flickr30K")
+    if "/" in dataset or os.sep in dataset:
+        dataset = Path(dataset).name  # a local copy's path: its name only, a card is public
+    if "flickr30k" in dataset.lower():
+        dataset = "Flickr30K"  # the hub name, a local copy and the source name all mean this
+    split = str(report.get("split") or "test")
+    settings = report.get("settings") if isinstance(report.get("settings"), Mapping) else {}
+    if settings.get("max_samples") is not None:
+        split = f"{split} (first {report.get('num_images', settings['max_samples'])})"
+    tokenization = "approximate" if str(report.get("tokenization", "")).lower() == "approximate" else "ptb"
     if _LEGACY_TOKENIZATION in str(settings.get("tokenization", "")) and not any(
         "METEOR" in result["metrics"] for result in results
     ):
@@ -777,7 +747,7 @@ def render_model_card(
                 else results["dataset"],
                 dataset_name=results["dataset"],
                 dataset_split=results["split"],
-                metric_type=_METRICS[_metric_key(name)][1],
+                metric_type=_METRIC_TYPES[name],
                 metric_name=f"{name} (approximate tokenisation)"
                 if results["tokenization"] == "approximate"
                 else name,

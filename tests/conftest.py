@@ -34,7 +34,9 @@ except ImportError:
     collect_ignore = [
         "test_app.py",
         "test_data.py",
+        "test_dataset_options.py",
         "test_evaluate_script.py",
+        "test_evaluation.py",
         "test_journeys.py",
         "test_retrieval.py",
         "test_serve.py",

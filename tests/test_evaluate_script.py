@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
+from show_attend_tell import evaluation
 from show_attend_tell.hub import normalize_eval_results
 from show_attend_tell.metrics import compute_caption_metrics
 from show_attend_tell.saving import save_model_folder
@@ -54,7 +55,14 @@ def data_args(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def split(data_args):
-    return evaluate_script.load_split(evaluate_script.parse_args(["--predictions", "unused", *data_args]))
+    args = evaluate_script.parse_args(["--predictions", "unused", *data_args])
+    return evaluation.load_split(
+        args.dataset,
+        args.split,
+        cache_dir=args.cache_dir,
+        max_samples=args.max_samples,
+        options=args.dataset_options,
+    )
 
 
 @pytest.fixture
@@ -323,7 +331,7 @@ def test_predictions_file_keeps_any_unicode_caption(tmp_path, captions, ascii_on
     ]
     path = tmp_path / "p.jsonl"
     path.write_bytes((line_end.join(lines) + line_end).encode("utf-8"))
-    read = evaluate_script.read_predictions(path, references, "the split")
+    read = evaluation.read_predictions(path, references, "the split")
     assert read == [" ".join(caption.split()) for caption in captions]
 
 
@@ -368,15 +376,24 @@ def test_predictions_update_the_model_card(tmp_path, data_args, split, capsys):
 
 def test_best_beam_by_bleu_4():
     results = {"beam_1": {"bleu_4": 0.10}, "beam_3": {"bleu_4": 0.14}, "beam_5": {"bleu_4": 0.12}}
-    assert evaluate_script.best_label(results) == "beam_3"
-    card = evaluate_script.card_results(results, "Flickr30K", "test", "best")
-    assert card == {
-        "dataset": "Flickr30K",
-        "split": "test",
-        "tokenization": "ptb",
-        "results": [{"num_beams": 3, "metrics": {"bleu_4": 0.14}}],
+    assert evaluation.best_label(results) == "beam_3"
+    report = {"dataset": "flickr30k", "split": "test", "num_images": 1000, "tokenization": "ptb"}
+    report |= {
+        "results": results,
+        "predictions": {},
+        "settings": {"max_samples": None, "data_dir": "/home/x"},
     }
-    assert len(evaluate_script.card_results(results, "Flickr30K", "test", "all")["results"]) == 3
+    card = evaluation.card_results(report, "best")
+    assert card == {
+        "dataset": "flickr30k",
+        "split": "test",
+        "num_images": 1000,
+        "tokenization": "ptb",
+        "results": {"beam_3": {"bleu_4": 0.14}},
+        "settings": {"max_samples": None},
+    }
+    assert len(evaluation.card_results(report, "all")["results"]) == 3
+    assert normalize_eval_results(card)["results"] == [{"num_beams": 3, "metrics": {"BLEU-4": 14.0}}]
 
 
 # --- METEOR and Java ---------------------------------------------------------------------------------
@@ -473,10 +490,9 @@ def test_argument_errors(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     args = evaluate_script.parse_args(["--model", "m", "--num-beams", "5", "1", "3", "1"])
     assert args.num_beams == [1, 3, 5] and args.metrics == ["bleu", "meteor", "rouge", "cider"]
-    assert evaluate_script.parse_dataset_options(["image_size=64", "revision=main"]) == {
-        "image_size": 64,
-        "revision": "main",
-    }
+    with pytest.raises(SystemExit):
+        evaluate_script.parse_args(["--model", "m", "--dataset-option", "use_cache=False"])
+    assert "write use_cache=false" in capsys.readouterr().err
 
 
 def test_no_script_shadows_the_evaluate_library(monkeypatch):

@@ -22,26 +22,16 @@ from show_attend_tell.saving import save_model_folder
 REPO = Path(__file__).resolve().parent.parent
 CARD = REPO / "model_card.md"
 TOKEN = "hf_SentinelTokenThatMustNeverBeWrittenToDisk"
-EVAL_RESULTS = {
-    "dataset": "Flickr30K",
-    "split": "test",
-    "results": [
-        {
-            "beam_size": 1,
-            "metrics": {"Bleu_1": 0.61, "Bleu_2": 0.41, "Bleu_3": 0.27, "Bleu_4": 0.18, "METEOR": 0.17},
-        },
-        {
-            "beam_size": 3,
-            "metrics": {
-                "Bleu_1": 0.64,
-                "Bleu_2": 0.43,
-                "Bleu_3": 0.29,
-                "Bleu_4": 0.195,
-                "METEOR": 0.18,
-                "CIDEr": 0.42,
-            },
-        },
-    ],
+SCORES = {  # compute_caption_metrics' scores (fractions) of two beam sizes
+    "beam_1": {"bleu_1": 0.61, "bleu_2": 0.41, "bleu_3": 0.27, "bleu_4": 0.18, "meteor": 0.17},
+    "beam_3": {
+        "bleu_1": 0.64,
+        "bleu_2": 0.43,
+        "bleu_3": 0.29,
+        "bleu_4": 0.195,
+        "meteor": 0.18,
+        "cider": 0.42,
+    },
 }
 
 _spec = importlib.util.spec_from_file_location("push_to_hub_script", REPO / "scripts" / "push_to_hub.py")
@@ -201,26 +191,17 @@ EVALUATE_REPORT = {  # what scripts/evaluate_captions.py --output writes, abridg
     "dataset": "flickr30k",
     "split": "test",
     "num_images": 1000,
-    "results": {
-        "beam_1": EVAL_RESULTS["results"][0]["metrics"],
-        "beam_3": EVAL_RESULTS["results"][1]["metrics"],
-    },
+    "tokenization": "ptb",
+    "results": SCORES,
     "predictions": {"beam_1": [{"image_id": "1", "caption": "a dog", "references": ["a dog runs"]}]},
     "settings": {"data_dir": "/home/someone/data"},
     "timings": {"generate_seconds_beam_1": 12.5},
 }
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        EVAL_RESULTS,
-        EVALUATE_REPORT,
-        {"beam_1": EVAL_RESULTS["results"][0]["metrics"], "beam_3": EVAL_RESULTS["results"][1]["metrics"]},
-    ],
-)
-def test_evaluation_results_in_several_shapes_normalise_to_percent(raw):
-    results = hub.normalize_eval_results(raw)
+def test_an_evaluation_report_normalises_to_percent():
+    # (its card_results, what evaluate_captions.py --update-model-card renders, too: tests/test_evaluation.py)
+    results = hub.normalize_eval_results(EVALUATE_REPORT)
     assert (results["dataset"], results["split"]) == ("Flickr30K", "test")
     assert [r["num_beams"] for r in results["results"]] == [1, 3]
     assert results["results"][1]["metrics"] == {
@@ -237,16 +218,32 @@ def test_reports_written_before_the_official_tokenisation_keep_what_they_were():
     legacy = {"tokenization": "coco-caption PTB (Java with METEOR, else the pure-Python equivalent)"}
     with_meteor = {**EVALUATE_REPORT, "settings": legacy}  # METEOR ran: so did the Java tokeniser
     assert hub.normalize_eval_results(with_meteor)["tokenization"] == "ptb"
-    without_meteor = {**with_meteor, "results": {"beam_3": {"Bleu_4": 0.19, "CIDEr": 0.4}}}
+    without_meteor = {**with_meteor, "results": {"beam_3": {"bleu_4": 0.19, "cider": 0.4}}}
     assert hub.normalize_eval_results(without_meteor)["tokenization"] == "approximate"
     assert hub.normalize_eval_results(EVALUATE_REPORT)["tokenization"] == "ptb"
 
 
-def test_flat_results_in_percent_stay_as_they_are_and_junk_is_refused():
-    results = hub.normalize_eval_results({"bleu-4": 19.1, "meteor": 18.49, "num_beams": 5, "loss": 2.3})
-    assert results["results"] == [{"num_beams": 5, "metrics": {"BLEU-4": 19.1, "METEOR": 18.49}}]
-    with pytest.raises(ValueError, match="name none of"):
-        hub.normalize_eval_results({"accuracy": 0.5})
+def test_only_an_evaluation_report_is_read_and_junk_is_refused_in_one_line():
+    # a report's own entries only: a local path is not shown, other keys and unknown scores are left out
+    report = {
+        **EVALUATE_REPORT,
+        "dataset": "/home/someone/data/shapes",
+        "results": {"beam_5": {"bleu_4": 0.5}},
+    }
+    results = hub.normalize_eval_results({**report, "loss": 2.3})
+    assert results["dataset"] == "shapes"
+    assert results["results"] == [{"num_beams": 5, "metrics": {"BLEU-4": 50.0}}]
+    for junk, message in [
+        (
+            {"bleu_4": 0.191, "num_beams": 5},
+            "not an evaluation report",
+        ),  # scores without a report around them
+        ({"results": [{"num_beams": 3, "metrics": {"bleu_4": 0.19}}]}, "not an evaluation report"),
+        ({"results": {"beam_3": {"accuracy": 0.5}}}, "name none of"),
+    ]:
+        with pytest.raises(ValueError, match=message) as raised:
+            hub.normalize_eval_results(junk)
+        assert "\n" not in str(raised.value)
 
 
 def test_card_with_results_has_a_model_index_and_a_results_table():
@@ -254,7 +251,7 @@ def test_card_with_results_has_a_model_index_and_a_results_table():
     text = hub.render_model_card(
         CARD.read_text(),
         repo_id="someone/sat-flickr30k",
-        eval_results=EVAL_RESULTS,
+        eval_results=EVALUATE_REPORT,
         config=config,
         num_parameters=123_456,
         generation={"num_beams": 3, "max_new_tokens": 51},
@@ -478,7 +475,7 @@ def test_bad_arguments_are_refused(tmp_path, model_dir, capsys):
     (tmp_path / "junk.json").write_text('{"accuracy": 1}')
     argv = ["--model", str(model_dir), "--repo-id", "a/b", "--dry-run", str(tmp_path / "o")]
     assert push_script.main([*argv, "--eval-results", str(tmp_path / "junk.json")]) == 2
-    assert "name none of" in capsys.readouterr().err
+    assert "not an evaluation report of scripts/evaluate_captions.py" in capsys.readouterr().err
 
 
 # --- safe loading ---------------------------------------------------------------------------------------

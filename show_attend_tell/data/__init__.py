@@ -16,7 +16,7 @@ from .flickr30k import (
     load_flickr30k,
 )
 from .karpathy import load_karpathy_json
-from .loading import NAMED_SOURCES, load_caption_dataset
+from .loading import DATASET_OPTION_HELP, NAMED_SOURCES, load_caption_dataset, parse_dataset_options
 from .local import load_image_folder_captions, load_parquet_captions, write_parquet
 from .synthetic import (
     COLOR_RGB,
@@ -35,6 +35,7 @@ __all__ = [
     "CAPTION_FEATURES",
     "COLORS",
     "COLOR_RGB",
+    "DATASET_OPTION_HELP",
     "FLICKR30K_KARPATHY_SPLIT_SIZES",
     "FLICKR30K_REPO_ID",
     "FLICKR30K_REVISION",
@@ -58,6 +59,7 @@ __all__ = [
     "load_karpathy_json",
     "load_parquet_captions",
     "make_synthetic_dataset",
+    "parse_dataset_options",
     "select_splits",
     "write_parquet",
 ]

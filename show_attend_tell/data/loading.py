@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,48 @@ from .synthetic import SYNTHETIC_DEFAULT_SIZES, make_synthetic_dataset
 #: Source names that are not paths. ``karpathy``, ``parquet`` and ``imagefolder`` take the path
 #: from ``data_dir``; a path given directly as the source is recognised by what it contains.
 NAMED_SOURCES: tuple[str, ...] = ("synthetic", "flickr30k", "karpathy", "parquet", "imagefolder")
+
+
+#: The `--help` of `--dataset-option` in every script: the meaning that :func:`parse_dataset_options` gives it.
+DATASET_OPTION_HELP = (
+    "an option of the dataset loader as KEY=VALUE, repeatable (a later KEY replaces an earlier one): VALUE is read "
+    'as JSON when it is JSON (64, 0.5, true, false, null, [1, 2], "text"), else as plain text (revision=main); '
+    "e.g. image_size=64 or num_test=100 for synthetic"
+)
+# Python's and other spellings of JSON's true/false/null: read as text they would be silently truthy strings.
+_LITERAL_LOOKALIKES = {"true": "true", "false": "false", "none": "null", "null": "null"}
+
+
+def parse_dataset_options(items: Iterable[str]) -> dict[str, Any]:
+    """
+    The `--dataset-option KEY=VALUE` items of a command line as keyword arguments of
+    :func:`load_caption_dataset`, with one meaning in every script: VALUE is read as JSON when it parses
+    (``num_train=400`` -> 400, ``use_cache=false`` -> False, ``revision=null`` -> None, ``sizes=[1, 2]`` -> a
+    list), else kept as plain text (``revision=main`` -> "main"); text after the first ``=`` is the value. A
+    later KEY replaces an earlier one.
+
+    Raises:
+        ValueError: an item without ``=``, a KEY that is not a name (``image_size``), or a VALUE spelt like
+            JSON's true, false or null but not quite (``True``, ``None``): as text it would count as true.
+    """
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(
+                f"--dataset-option expects KEY=VALUE (KEY a name such as image_size), got {item!r}"
+            )
+        try:
+            options[key] = json.loads(text)
+        except ValueError:  # not JSON: plain text
+            meant = _LITERAL_LOOKALIKES.get(text.strip().lower())
+            if meant is not None:
+                raise ValueError(
+                    f"--dataset-option {item!r}: VALUE is read as JSON, so write {key}={meant}"
+                ) from None
+            options[key] = text
+    return options
 
 
 def _find_karpathy_json(directory: Path) -> Path | None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
 
-from ..data import canonical_split
+from ..data import DATASET_OPTION_HELP, canonical_split, parse_dataset_options
 from ..data.loading import NAMED_SOURCES
 from .checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint
 from .model_sizes import MODEL_SIZES
@@ -25,27 +24,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, [], False):
             return action.help or ""
         return super()._get_help_string(action)
-
-
-def parse_dataset_options(items: list[str]) -> dict[str, Any]:
-    """`["num_train=400", "use_cache=false"]` -> `{"num_train": 400, "use_cache": False}`."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--dataset-option expects KEY=VALUE, got {item!r}")
-        value: Any = text
-        if text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        else:
-            for kind in (int, float):
-                try:
-                    value = kind(text)
-                    break
-                except ValueError:
-                    pass
-        options[key.strip()] = value
-    return options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +55,7 @@ def add_data_and_model_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an option of the dataset loader, repeatable; e.g. num_train=400 or image_size=64 for synthetic",
+        help=DATASET_OPTION_HELP,
     )
     data.add_argument("--train-split", default="train", help="split to train on (val, dev... accepted)")
     data.add_argument("--val-split", default="validation", help="split validated on after every epoch")
@@ -252,7 +230,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     if args.train_split == args.val_split:
         raise UsageError(f"--train-split and --val-split are both {args.train_split!r}")
-    args.dataset_options = parse_dataset_options(args.dataset_option)
+    try:
+        args.dataset_options = parse_dataset_options(args.dataset_option)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
     source = args.dataset.strip().lower()
     if source in ("karpathy", "parquet", "imagefolder") and args.data_dir is None:
@@ -282,4 +263,4 @@ def check_args(args: argparse.Namespace) -> None:
         )
 
 
-__all__ = ["HelpFormatter", "UsageError", "build_parser", "check_args", "parse_dataset_options"]
+__all__ = ["HelpFormatter", "UsageError", "build_parser", "check_args"]
