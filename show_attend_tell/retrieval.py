@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutput
 
+from .atomic_files import replaced_atomically
 from .image_processing_show_attend_tell import IMAGE_SUFFIXES, describe_image_error, image_files, load_image
 from .visualization import DISPLAY_SIZE, attention_overlays, write_png
 
@@ -342,7 +342,6 @@ def _write_cache(path: Path, features: GalleryFeatures, model_key: str, gallery_
     """Writes to a temporary file and renames it, so a concurrent or interrupted writer never leaves half a file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": CACHE_FORMAT,
         "model": model_key,
@@ -351,14 +350,8 @@ def _write_cache(path: Path, features: GalleryFeatures, model_key: str, gallery_
         "indices": json.dumps(features.indices),
         "skipped": json.dumps(features.skipped),
     }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with replaced_atomically(path) as temporary:
         save_file({"grid": features.grid.contiguous()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def encode_gallery(
