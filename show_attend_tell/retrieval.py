@@ -37,19 +37,20 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers.modeling_outputs import BaseModelOutput
 
-from .atomic_files import replaced_atomically
+from .feature_cache import FeatureCache, feature_cache_key, image_processor_settings
 from .image_processing_show_attend_tell import IMAGE_SUFFIXES, describe_image_error, image_files, load_image
+from .modeling_show_attend_tell import ShowAttendTellCache
 from .visualization import DISPLAY_SIZE, attention_overlays, write_png
 
 if TYPE_CHECKING:  # annotations only: matplotlib and datasets are optional
@@ -80,9 +81,6 @@ __all__ = [
     "score_captions",
     "tokenize_queries",
 ]
-
-#: Bumped whenever what the cache stores changes, so older files are recomputed instead of misread.
-CACHE_FORMAT = "show_attend_tell.retrieval.features.v1"
 
 DEFAULT_BATCH_SIZE = 256  # decoder rows (images x queries) per forward
 DEFAULT_ENCODE_BATCH_SIZE = 32  # images per encoder forward
@@ -243,57 +241,93 @@ class ImageGallery:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
 class GalleryFeatures:
     """
-    The encoder's output for every readable image of a gallery.
+    The encoder's output for every readable image of a gallery: in memory, or rows of a
+    :class:`~show_attend_tell.feature_cache.FeatureCache` on disk, read only when used (a two-stage search
+    reads its candidates' rows, not the collection).
 
     Attributes:
         ids: ids of the encoded images, in gallery order (unreadable images are left out).
         indices: their positions in the gallery.
-        grid: the ResNet's native feature grid, ``(images, encoder_dim, h, w)``, float32 on the CPU.
         skipped: ``{id: reason}`` for images that could not be read.
-        cache_path: the cache file, if the disk cache is used.
-        from_cache: whether the grid was read from the cache (the encoder did not run).
+        cache_path: the cache folder, if the disk cache is used.
+        from_cache: whether the features were all read from the cache (the encoder did not run).
     """
 
-    ids: list[str]
-    indices: list[int]
-    grid: torch.Tensor
-    skipped: dict[str, str] = field(default_factory=dict)
-    cache_path: Path | None = None
-    from_cache: bool = False
+    def __init__(
+        self,
+        ids: Sequence[str],
+        indices: Sequence[int],
+        grid: torch.Tensor | FeatureCache,
+        skipped: dict[str, str] | None = None,
+        cache_path: Path | None = None,
+        from_cache: bool = False,
+    ) -> None:
+        if len(ids) != len(indices):
+            raise ValueError(f"got {len(ids)} ids for {len(indices)} indices")
+        self.ids = list(ids)
+        self.indices = list(indices)
+        # In memory: row i is image i. In a cache: row indices[i] (a gallery's rows are its positions).
+        self._grid = grid
+        self.skipped = dict(skipped or {})
+        self.cache_path = cache_path
+        self.from_cache = from_cache
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(images={len(self)}, skipped={len(self.skipped)}, cache={self.cache_path})"
+        )
+
+    def rows(self, positions: Sequence[int] | slice) -> torch.Tensor:
+        """The native grids ``(images, encoder_dim, h, w)`` of images ``positions``, float32 on the CPU."""
+        if isinstance(self._grid, torch.Tensor):
+            if isinstance(positions, slice):
+                return self._grid[positions]
+            return self._grid[torch.as_tensor(list(positions), dtype=torch.long)]
+        selected = (
+            self.indices[positions] if isinstance(positions, slice) else [self.indices[p] for p in positions]
+        )
+        return self._grid.read_rows(selected).float()
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """Every image's native grid ``(images, encoder_dim, h, w)``, float32 on the CPU (read whole from a cache)."""
+        return self.rows(slice(None))
 
     def features(
         self, model: ShowAttendTellForConditionalGeneration, start: int = 0, end: int | None = None
     ) -> torch.Tensor:
         """Pooled features ``(images, num_pixels, encoder_dim)`` of images ``start:end`` on the model's device."""
-        grid = self.grid[start:end].to(model.device, dtype=model.dtype)
+        grid = self.rows(slice(start, end)).to(model.device, dtype=model.dtype)
         return model.encoder.pool_grid(grid)
+
+    def select(self, positions: Sequence[int]) -> GalleryFeatures:
+        """The features of images ``positions`` only, in that order, in memory."""
+        positions = list(positions)
+        return GalleryFeatures(
+            [self.ids[p] for p in positions], [self.indices[p] for p in positions], self.rows(positions)
+        )
+
+
+# Seeds the fingerprint that caption indexes record of their model. Kept as it was when the gallery cache
+# had this name: indexes built since then record fingerprints made with it.
+_INDEX_FINGERPRINT_SEED = "show_attend_tell.retrieval.features.v1"
 
 
 def _model_fingerprint(
-    model: ShowAttendTellForConditionalGeneration,
-    processor: ShowAttendTellProcessor,
-    *,
-    whole_model: bool = False,
+    model: ShowAttendTellForConditionalGeneration, processor: ShowAttendTellProcessor
 ) -> str:
     """
-    A digest of everything the cached grid depends on: the encoder's weights and buffers (BatchNorm
-    statistics included) and the image processor's resize and normalisation. The decoder is left out on
-    purpose: fine-tuning only the decoder keeps the cached features valid.
-
-    With ``whole_model``, what a caption depends on: every weight of the model (the decoder too) and the
-    tokenizer's vocabulary as well (the caption index's key).
+    What a caption depends on, the caption index's key: every weight of the model (encoder and decoder), the
+    tokenizer's vocabulary and the image processor's resize and normalisation.
     """
-    digest = hashlib.sha256(CACHE_FORMAT.encode())
-    if whole_model:
-        digest.update(json.dumps(processor.tokenizer.get_vocab(), sort_keys=True).encode())
-    weights = model.state_dict() if whole_model else model.encoder.resnet.state_dict()
-    for name, tensor in weights.items():
+    digest = hashlib.sha256(_INDEX_FINGERPRINT_SEED.encode())
+    digest.update(json.dumps(processor.tokenizer.get_vocab(), sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
         digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     image_processor = processor.image_processor
@@ -311,47 +345,27 @@ def _default_cache_dir() -> Path:
     return base / "retrieval"
 
 
-def _read_cache(path: Path, model_key: str, gallery_key: str) -> GalleryFeatures | None:
-    """The cached features, or None when the file is missing, damaged or made for other inputs."""
-    from safetensors import safe_open
-
-    if not path.is_file():
+def _open_cache(directory: Path, gallery: ImageGallery) -> FeatureCache | None:
+    """
+    The gallery's cache folder when it holds a complete layout for this gallery, else None; a damaged folder is
+    removed (with a one-line warning), so that the features are encoded into a new one.
+    """
+    if not directory.exists():
         return None
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            if (
-                metadata.get("format") != CACHE_FORMAT
-                or metadata.get("model") != model_key
-                or metadata.get("gallery") != gallery_key
-            ):
-                return None
-            grid = file.get_tensor("grid")
-        ids = json.loads(metadata["ids"])
-        indices = json.loads(metadata["indices"])
-        skipped = json.loads(metadata.get("skipped", "{}"))
-    except Exception as error:  # a truncated or foreign file: recompute rather than fail the query
-        logger.warning("ignoring unreadable feature cache %s (%s)", path, error)
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        cache = FeatureCache(directory, meta["rows"], meta["grid_shape"], meta.get("dtype", "float16"))
+        if cache.num_rows != len(gallery) or not cache.exists() or cache.ids() != gallery.ids:
+            raise ValueError("it was made for other pictures")
+        cache.statuses()  # opens both files: a truncated one fails here
+        cache.read_rows([0])
+    except Exception as error:  # a damaged or foreign folder: encode again rather than fail the query
+        logger.warning(
+            "encoding again: unreadable feature cache %s (%s)", directory, " ".join(str(error).split())
+        )
+        shutil.rmtree(directory, ignore_errors=True)
         return None
-    if grid.shape[0] != len(ids) or len(ids) != len(indices):
-        return None
-    return GalleryFeatures(ids, indices, grid, skipped, cache_path=path, from_cache=True)
-
-
-def _write_cache(path: Path, features: GalleryFeatures, model_key: str, gallery_key: str) -> None:
-    """Writes to a temporary file and renames it, so a concurrent or interrupted writer never leaves half a file."""
-    from safetensors.torch import save_file
-
-    metadata = {
-        "format": CACHE_FORMAT,
-        "model": model_key,
-        "gallery": gallery_key,
-        "ids": json.dumps(features.ids),
-        "indices": json.dumps(features.indices),
-        "skipped": json.dumps(features.skipped),
-    }
-    with replaced_atomically(path) as temporary:
-        save_file({"grid": features.grid.contiguous()}, temporary, metadata=metadata)
+    return cache
 
 
 def encode_gallery(
@@ -367,36 +381,42 @@ def encode_gallery(
     """
     Runs the encoder over every image of ``gallery`` once, or reads the result from the disk cache.
 
-    The cache file is ``<cache_dir>/features-<key>.safetensors`` (default cache folder:
-    ``$SHOW_ATTEND_TELL_CACHE/retrieval`` or ``~/.cache/show_attend_tell/retrieval``); the key combines
-    the encoder's weights, the image processor's settings and the gallery's fingerprint, so a changed
-    model or image is never served stale features. Images that cannot be read (corrupt, truncated,
-    not an image, too large for Pillow) are skipped with a warning and listed in ``skipped``.
+    The cache is a :class:`~show_attend_tell.feature_cache.FeatureCache` folder (float32 grids) named by
+    :func:`~show_attend_tell.feature_cache.feature_cache_key` of the encoder's weights, the image processor's
+    settings and the gallery's fingerprint, under ``cache_dir`` (default: ``$SHOW_ATTEND_TELL_CACHE/retrieval``
+    or ``~/.cache/show_attend_tell/retrieval``): a changed model or image is never served stale features, and
+    an interrupted encoding continues where it stopped. Images that cannot be read (corrupt, truncated, not an
+    image, too large for Pillow) are skipped with a warning and listed in ``skipped``.
 
     Args:
         batch_size: images per encoder forward.
-        use_cache: False neither reads nor writes the cache.
+        use_cache: False neither reads nor writes the cache (the features stay in memory).
         progress: show a progress bar (tqdm) while encoding.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    cache_path = None
+    store = directory = None
+    status = np.zeros(len(gallery), dtype=np.uint8)
     if use_cache:
-        model_key = _model_fingerprint(model, processor)
-        gallery_key = gallery.fingerprint()
-        name = hashlib.sha256(f"{model_key}\0{gallery_key}".encode()).hexdigest()[:32]
-        root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
-        cache_path = root / f"features-{name}.safetensors"
-        cached = _read_cache(cache_path, model_key, gallery_key)
-        if cached is not None:
-            return cached
-
-    ids: list[str] = []
-    indices: list[int] = []
-    skipped: dict[str, str] = {}
-    grids: list[torch.Tensor] = []
-    starts = range(0, len(gallery), batch_size)
-    if progress:
+        description = {
+            "pictures": gallery.fingerprint(),
+            "rows": len(gallery),
+            "image_processor": image_processor_settings(processor.image_processor),
+            "dtype": "float32",
+        }
+        key = feature_cache_key(model.encoder.state_dict(), description)
+        directory = (Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()) / key
+        store = _open_cache(directory, gallery)
+        if store is not None:
+            status = store.statuses()
+    todo = np.flatnonzero(status == FeatureCache.MISSING).tolist()
+    skipped = {
+        gallery.ids[row]: "could not be read (found when the gallery was first encoded)"
+        for row in np.flatnonzero(status == FeatureCache.BAD).tolist()
+    }
+    grids: list[torch.Tensor] = []  # without a cache
+    starts = range(0, len(todo), batch_size)
+    if progress and todo:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="encoding images", unit="batch")
@@ -404,38 +424,71 @@ def encode_gallery(
     model.eval()
     try:
         for start in starts:
-            images = []
-            for index in range(start, min(start + batch_size, len(gallery))):
-                image_id = gallery.ids[index]
+            images, rows, bad = [], [], []
+            for row in todo[start : start + batch_size]:
                 try:
-                    images.append(gallery.load(index))
+                    images.append(gallery.load(row))
+                    rows.append(row)
                 except (OSError, ValueError) as error:
                     # One unreadable file must not lose the rest of the gallery (ImageLoadError is a
                     # ValueError; a file removed since the gallery was listed is an OSError).
                     reason = describe_image_error(error)
-                    logger.warning("skipping image %s: %s", image_id, reason)
-                    skipped[image_id] = reason
-                    continue
-                ids.append(image_id)
-                indices.append(index)
-            if not images:
-                continue
-            pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-            with torch.inference_mode():
-                grid, _ = model.encoder.encode_grid(pixel_values.to(model.device, dtype=model.dtype))
-            grids.append(grid.float().cpu())
+                    logger.warning("skipping image %s: %s", gallery.ids[row], reason)
+                    skipped[gallery.ids[row]] = reason
+                    bad.append(row)
+            grid = None
+            if images:
+                pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                with torch.inference_mode():
+                    grid, _ = model.encoder.encode_grid(pixel_values.to(model.device, dtype=model.dtype))
+                grid = grid.float().cpu()
+            if use_cache and store is None and grid is not None:
+                store = _create_cache(directory, gallery, tuple(grid.shape[1:]))
+                use_cache = store is not None
+            if store is not None and grid is not None:
+                store.write(rows, grid)
+            elif grid is not None:
+                grids.append(grid)
+            status[rows] = FeatureCache.CACHED
+            status[bad] = FeatureCache.BAD
     finally:
         model.train(was_training)
-    if not grids:
+    positions = np.flatnonzero(status == FeatureCache.CACHED).tolist()
+    if not positions:
         raise ValueError(f"none of the {len(gallery)} images of {gallery.name} could be read")
-    features = GalleryFeatures(ids, indices, torch.cat(grids), skipped, cache_path=cache_path)
-    if cache_path is not None:
-        try:
-            _write_cache(cache_path, features, model_key, gallery_key)
-        except OSError as error:  # a read-only or full disk costs speed next time, not this result
-            logger.warning("could not write the feature cache %s: %s", cache_path, error)
-            features.cache_path = None
-    return features
+    if store is not None:
+        bad_rows = np.flatnonzero(status == FeatureCache.BAD).tolist()
+        if bad_rows and todo:
+            store.mark_bad(bad_rows)  # not tried again next time
+        store.flush()
+        source: torch.Tensor | FeatureCache = store
+    else:
+        source = torch.cat(grids)
+    return GalleryFeatures(
+        [gallery.ids[p] for p in positions],
+        positions,
+        source,
+        skipped,
+        cache_path=store.directory if store is not None else None,
+        from_cache=store is not None and not todo,
+    )
+
+
+def _create_cache(directory: Path, gallery: ImageGallery, grid_shape: tuple[int, ...]) -> FeatureCache | None:
+    """A new cache folder for the gallery; None (features kept in memory) when the disk refuses it."""
+    try:
+        return FeatureCache.create(
+            directory.parent,
+            directory.name,
+            len(gallery),
+            grid_shape,
+            {"gallery": gallery.name},
+            dtype="float32",
+            ids=gallery.ids,
+        )
+    except OSError as error:  # a read-only or full disk costs speed next time, not this result
+        logger.warning("could not write the feature cache %s: %s", directory, error)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,22 +504,59 @@ def tokenize_queries(processor: ShowAttendTellProcessor, queries: Sequence[str])
     return encoded["input_ids"]
 
 
+def decoding_state(
+    model: ShowAttendTellForConditionalGeneration,
+    rows_per_image: int,
+    *,
+    grid: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+) -> ShowAttendTellCache:
+    """
+    The decoder's state before the first word, for ``rows_per_image`` rows (queries) per picture: the pooled
+    features, their attention keys ``W_e a`` and the initial LSTM state, from the native ``grid`` ``(images,
+    encoder_dim, h, w)`` or the pooled ``features`` ``(images, num_pixels, encoder_dim)`` on the model's device.
+
+    From a grid smaller than the pooled map (8 x 8 against 14 x 14 for ResNet-101 at 256 px), the keys are
+    projected on the grid and pooled after: pooling averages grid cells, and an average of projections is the
+    projection of the average, for 3 times fewer products. The projection was two thirds of a re-ranking's time.
+    """
+    encoder, decoder = model.encoder, model.decoder
+    if grid is not None:
+        cells = grid.flatten(2).transpose(1, 2)  # (images, h * w, encoder_dim)
+        # The encoder's pooling as a matrix (each pooled cell averages a window of grid cells), made by pooling
+        # the identity: one matrix product, where the pooling op on a (images, 2048, 8, 8) grid took a sixth of
+        # a re-ranking.
+        eye = torch.eye(cells.shape[1], device=grid.device, dtype=grid.dtype)
+        pooling = encoder.pool_grid(eye.view(-1, 1, *grid.shape[2:]))[:, :, 0].T  # (num_pixels, h * w)
+        features = pooling @ cells
+        if cells.shape[1] < features.shape[1]:
+            keys = pooling @ decoder.attention.project_features(cells)
+        else:
+            keys = decoder.attention.project_features(features)
+    elif features is not None:
+        keys = decoder.attention.project_features(features)
+    else:
+        raise ValueError("pass the grid or the pooled features")
+    hidden, cell = decoder.initial_state(features, rows_per_image)
+    return ShowAttendTellCache(features, keys, hidden, cell)
+
+
 def _query_log_likelihood(
     model: ShowAttendTellForConditionalGeneration,
-    features: torch.Tensor,
+    state: ShowAttendTellCache,
     input_ids: torch.Tensor,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
-    Teacher-forced scores of ``input_ids`` (rows grouped by image over ``features``): the mean
-    log-probability of each row's tokens after ``<start>`` up to and including ``<end>``, and optionally the
-    attention ``(rows, steps, num_pixels)`` of each of those steps.
+    Teacher-forced scores of ``input_ids`` (rows grouped by image, from the :func:`decoding_state` ``state``):
+    the mean log-probability of each row's tokens after ``<start>`` up to and including ``<end>``, and optionally
+    the attention ``(rows, steps, num_pixels)`` of each of those steps.
     """
     pad = model.config.pad_token_id
     targets = input_ids[:, 1:]
     outputs = model(
-        encoder_outputs=BaseModelOutput(last_hidden_state=features),
         input_ids=input_ids[:, :-1],
+        cache=state,
         use_cache=False,
         output_attentions=output_attentions,
         return_dict=True,
@@ -532,12 +622,14 @@ def score_captions(
                 ids = ids[:, : int(lengths[query_index].max())].to(model.device)
                 i_end = min(i_start + images_per_chunk, num_images)
                 if isinstance(features, GalleryFeatures):
-                    image_features = features.features(model, i_start, i_end)
+                    grid = features.rows(slice(i_start, i_end)).to(model.device, dtype=model.dtype)
+                    state = decoding_state(model, len(ids), grid=grid)
                 else:
-                    image_features = features[i_start:i_end].to(model.device, dtype=model.dtype)
+                    pooled = features[i_start:i_end].to(model.device, dtype=model.dtype)
+                    state = decoding_state(model, len(ids), features=pooled)
                 # Rows grouped by image: the whole query block once per image of the chunk.
                 rows = ids.repeat(i_end - i_start, 1)
-                chunk_scores, _ = _query_log_likelihood(model, image_features, rows)
+                chunk_scores, _ = _query_log_likelihood(model, state, rows)
                 scores[i_start:i_end, query_index] = chunk_scores.view(i_end - i_start, -1).cpu()
     finally:
         model.train(was_training)
@@ -686,8 +778,9 @@ def rank_by_likelihood(
         try:
             with torch.inference_mode():
                 rows = input_ids.to(model.device).repeat(len(features), 1)
+                grid = features.rows(slice(None)).to(model.device, dtype=model.dtype)
                 scores, all_attention = _query_log_likelihood(
-                    model, features.features(model), rows, output_attentions=True
+                    model, decoding_state(model, 1, grid=grid), rows, output_attentions=True
                 )
         finally:
             model.train(was_training)
@@ -716,9 +809,10 @@ def rank_by_likelihood(
         model.eval()
         try:
             with torch.inference_mode():
-                winners = torch.cat([features.features(model, p, p + 1) for p in best])
+                winners = features.rows(best).to(model.device, dtype=model.dtype)
                 rows = input_ids.to(model.device).repeat(len(best), 1)
-                _, attention = _query_log_likelihood(model, winners, rows, output_attentions=True)
+                state = decoding_state(model, 1, grid=winners)
+                _, attention = _query_log_likelihood(model, state, rows, output_attentions=True)
         finally:
             model.train(was_training)
         for hit, maps in zip(hits, attention.float().cpu().numpy(), strict=True):
@@ -753,7 +847,7 @@ def index_model_record(
         "max_length": None if max_new_tokens else config.max_length,
         "length_penalty": config.length_penalty,  # None: generate()'s default
     }
-    return {"fingerprint": _model_fingerprint(model, processor, whole_model=True), "generation": generation}
+    return {"fingerprint": _model_fingerprint(model, processor), "generation": generation}
 
 
 class IndexedRetriever:
@@ -801,7 +895,7 @@ class IndexedRetriever:
                 "features need the gallery they were encoded from (features.indices refer to it)"
             )
         self.index = index if isinstance(index, CaptionIndex) else CaptionIndex.open(index)
-        fingerprint = _model_fingerprint(model, processor, whole_model=True)
+        fingerprint = _model_fingerprint(model, processor)
         if self.index.model.get("fingerprint") != fingerprint:
             raise IndexModelMismatchError(
                 f"caption index {self.index.path} was built with model {str(self.index.model.get('fingerprint'))[:12]}, "
@@ -859,7 +953,7 @@ class IndexedRetriever:
         grids: list[torch.Tensor] = []
         skipped: dict[str, str] = {}
         if cached:
-            grids.append(self.features.grid[torch.tensor([rows[i] for i in cached])])
+            grids.append(self.features.rows([rows[i] for i in cached]))
             positions.extend(cached)
         if missing:
             subset = ImageGallery(

@@ -94,6 +94,33 @@ def test_add_replaces_remove_deletes_and_both_survive_reopening(index, tmp_path)
     assert ids(again.search("green cross")) == ["new.png"]
 
 
+class CountingReloads:
+    """The engine, counting how often its reader is reloaded."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.reloads = engine, 0
+
+    def reload(self) -> None:
+        self.reloads += 1
+        self.engine.reload()
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def test_queries_reuse_the_searcher_until_a_commit(index, tmp_path):
+    engine = index._engine = CountingReloads(index._engine)
+    for query in ("red circle", "blue star", "a small red circle", "yellow"):
+        assert index.search(query)
+    assert engine.reloads <= 1  # one searcher for every query since the last commit
+    other = CaptionIndex.open(tmp_path / "index", MODEL)  # another writer, as another process would be
+    other.add([IndexedPicture("cross.png", ("a white cross",), None)])
+    assert ids(index.search("white cross")) == ["cross.png"]
+    reloads = engine.reloads
+    other.remove(["cross.png"])
+    assert index.search("white cross") == [] and engine.reloads == reloads + 1
+
+
 def test_a_different_model_or_setting_is_refused_in_one_line(index, tmp_path):
     for other, expected in (
         (

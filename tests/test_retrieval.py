@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from serve_tiny_model import NUM_TEST, save_example_images, save_tiny_model, trained_tiny_captioner
 
+from show_attend_tell.feature_cache import FeatureCache
 from show_attend_tell.retrieval import (
     CaptionRetriever,
     ImageGallery,
     encode_gallery,
+    rank_by_likelihood,
     retrieval_recall,
     save_search_figure,
     score_captions,
@@ -87,7 +89,13 @@ def test_cache_is_used_on_the_second_query(tiny, gallery_folder, tmp_path, monke
         tiny.model, tiny.processor, ImageGallery.from_folder(gallery_folder), cache_dir=cache
     )
     assert not first.features.from_cache
-    assert [p.suffix for p in cache.iterdir()] == [".safetensors"]
+    # The format of training's feature cache: a folder named by feature_cache_key, memory-mapped rows.
+    (folder,) = cache.iterdir()
+    assert folder == first.features.cache_path
+    stored = FeatureCache(folder, 12, first.features.grid.shape[1:], dtype="float32")
+    assert stored.exists() and stored.ids() == first.gallery.ids
+    assert (stored.statuses() == FeatureCache.CACHED).all()
+    torch.testing.assert_close(stored.read_rows(range(12)), first.features.grid, atol=0, rtol=0)
     first_scores = first.score(QUERIES)
 
     calls = []
@@ -118,14 +126,49 @@ def test_cache_is_used_on_the_second_query(tiny, gallery_folder, tmp_path, monke
         changed.write_bytes(original_bytes)
 
 
-def test_a_damaged_cache_file_is_recomputed(tiny, gallery_folder, tmp_path):
+def test_a_damaged_cache_is_recomputed(tiny, gallery_folder, tmp_path):
     gallery = ImageGallery.from_folder(gallery_folder)
     features = encode_gallery(tiny.model, tiny.processor, gallery, cache_dir=tmp_path)
-    features.cache_path.write_bytes(b"not a safetensors file")
+    grid = features.grid
+    (features.cache_path / "features.npy").write_bytes(b"not a numpy file")
     again = encode_gallery(tiny.model, tiny.processor, gallery, cache_dir=tmp_path)
     assert not again.from_cache
-    torch.testing.assert_close(again.grid, features.grid)
+    torch.testing.assert_close(again.grid, grid)
     assert encode_gallery(tiny.model, tiny.processor, gallery, cache_dir=tmp_path).from_cache
+
+
+def test_an_interrupted_encoding_continues_where_it_stopped(tiny, gallery_folder, tmp_path, monkeypatch):
+    gallery = ImageGallery.from_folder(gallery_folder)
+    features = encode_gallery(tiny.model, tiny.processor, gallery, cache_dir=tmp_path, batch_size=5)
+    grid = features.grid
+    # As a process killed while encoding leaves it: rows 7 to 11 never written.
+    status = np.load(features.cache_path / "status.npy", mmap_mode="r+")
+    status[7:] = FeatureCache.MISSING
+    status.flush()
+    del status
+    encoded = []
+    original = tiny.model.encoder.encode_grid
+    monkeypatch.setattr(
+        tiny.model.encoder,
+        "encode_grid",
+        lambda pixel_values, *a, **k: encoded.append(len(pixel_values)) or original(pixel_values, *a, **k),
+    )
+    again = encode_gallery(tiny.model, tiny.processor, gallery, cache_dir=tmp_path, batch_size=5)
+    assert encoded == [5] and not again.from_cache
+    torch.testing.assert_close(again.grid, grid, atol=0, rtol=0)
+    assert encode_gallery(tiny.model, tiny.processor, gallery, cache_dir=tmp_path).from_cache
+
+
+def test_a_cache_of_the_earlier_format_is_rebuilt_with_one_line(tiny, gallery_folder, tmp_path, caplog):
+    old = tmp_path / "features-0123456789abcdef0123456789abcdef.safetensors"
+    old.write_bytes(b"\0" * 1000)
+    with caplog.at_level("WARNING", logger="show_attend_tell.feature_cache"):
+        features = encode_gallery(
+            tiny.model, tiny.processor, ImageGallery.from_folder(gallery_folder), cache_dir=tmp_path
+        )
+    assert not features.from_cache and features.cache_path.parent == tmp_path
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert "earlier format" in message and "encoded again" in message and "\n" not in message
 
 
 def test_other_encoder_weights_do_not_reuse_the_cache(tiny, gallery_folder, tmp_path):
@@ -224,7 +267,7 @@ def test_search_images_script(tiny, gallery_folder, tmp_path):
     assert [hit["rank"] for hit in result["hits"]] == [1, 2, 3]
     assert all(hit["image"] in {p.name for p in gallery_folder.glob("*.png")} for hit in result["hits"])
     assert figure.is_file() and figure.stat().st_size > 1000
-    assert any((tmp_path / "cache").glob("features-*.safetensors"))
+    assert any((tmp_path / "cache").glob("*/features.npy"))
 
     bad = subprocess.run(
         [*command[:2], "--model", str(model_dir), "--images", str(tmp_path / "missing"), "a star"],
@@ -350,6 +393,62 @@ def test_two_stage_uses_cached_features_without_the_encoder(
     assert [(h.image_id, round(h.score, 5)) for h in result.hits] == [
         (h.image_id, round(h.score, 5)) for h in plain.hits
     ]
+
+
+@pytest.fixture(scope="module")
+def gallery_features(tiny, gallery_folder, tmp_path_factory):
+    """The gallery's features in the disk cache, as a two-stage search reads them."""
+    gallery = ImageGallery.from_folder(gallery_folder)
+    return encode_gallery(tiny.model, tiny.processor, gallery, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    subset=st.lists(st.integers(0, 11), min_size=1, max_size=12, unique=True),
+    query=st.sampled_from([*QUERIES, "a green star", "a triangle below a red square"]),
+    attention=st.booleans(),
+)
+def test_reranked_scores_from_cached_features_equal_the_exhaustive_scores(
+    tiny, gallery_features, subset, query, attention
+):
+    """A re-ranking reads its candidates' rows from the cache and scores them as the exhaustive scorer does."""
+    exhaustive = score_captions(
+        tiny.model, gallery_features, tokenize_queries(tiny.processor, [query]), batch_size=7
+    )[:, 0]
+    candidates = gallery_features.select(subset)
+    hits, _ = rank_by_likelihood(
+        tiny.model, tiny.processor, candidates, query, top_k=len(subset), return_attention=attention
+    )
+    assert sorted(gallery_features.indices.index(hit.index) for hit in hits) == sorted(subset)
+    for hit in hits:
+        expected = float(exhaustive[gallery_features.indices.index(hit.index)])
+        assert hit.score == pytest.approx(expected, abs=1e-6)
+        assert (hit.attention is not None) == attention
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+
+
+def test_decoding_state_from_the_native_grid_is_the_pooled_one():
+    """Keys projected on the small native grid, then pooled, are the projection of the pooled features."""
+    from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
+    from show_attend_tell.retrieval import decoding_state
+
+    torch.manual_seed(0)
+    model = ShowAttendTellForConditionalGeneration(ShowAttendTellConfig.tiny(encoded_image_size=7)).eval()
+    for size in ((3, 3), (2, 5), (7, 7), (9, 9)):  # smaller than the pooled 7 x 7, as large, larger
+        grid = torch.randn(3, model.config.encoder_dim, *size)
+        with torch.no_grad():
+            state = decoding_state(model, 2, grid=grid)
+            features = model.encoder.pool_grid(grid)
+            torch.testing.assert_close(state.features, features)
+            torch.testing.assert_close(
+                state.projected_features,
+                model.decoder.attention.project_features(features),
+                atol=1e-5,
+                rtol=1e-5,
+            )
+            hidden, cell = model.decoder.initial_state(features, 2)
+        assert state.hidden.shape == (6, model.config.decoder_dim)
+        torch.testing.assert_close((state.hidden, state.cell), (hidden, cell))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
