@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic_files import write_text_atomic
+from .errors import one_line
 
 __all__ = [
     "STOP_WORDS",
@@ -168,10 +169,6 @@ def _id_term(image_id: str) -> str:
     return image_id
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _describe_model(model: Mapping[str, Any]) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in sorted(model.get("generation", {}).items()))
     return f"model {str(model.get('fingerprint', '?'))[:12]} ({settings or 'no settings'})"
@@ -237,7 +234,7 @@ class CaptionIndex:
             (path / ENGINE_DIR).mkdir(parents=True, exist_ok=True)
             engine = tantivy.Index(cls._schema(), path=str(path / ENGINE_DIR))
         except (OSError, ValueError) as error:
-            raise CaptionIndexError(f"cannot create a caption index at {path}: {_one_line(error)}") from None
+            raise CaptionIndexError(f"cannot create a caption index at {path}: {one_line(error)}") from None
         meta = {"format": INDEX_FORMAT, "engine": f"tantivy {_engine_version()}", "model": dict(model)}
         # Written last: a folder without index.json is not an index yet, and create() may be run again.
         write_text_atomic(path / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
@@ -262,7 +259,7 @@ class CaptionIndex:
                 raise ValueError("not an index description")
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise CaptionIndexError(
-                f"caption index {path} is damaged: {META_FILE}: {_one_line(error)}"
+                f"caption index {path} is damaged: {META_FILE}: {one_line(error)}"
             ) from None
         if meta.get("format") != INDEX_FORMAT:
             raise CaptionIndexError(
@@ -278,7 +275,7 @@ class CaptionIndex:
             engine.reload()
             engine.searcher()  # reads the segment list: a damaged one fails here, not in the first query
         except (OSError, ValueError) as error:
-            raise CaptionIndexError(f"caption index {path} is damaged: {_one_line(error)}") from None
+            raise CaptionIndexError(f"caption index {path} is damaged: {one_line(error)}") from None
         return cls(path, meta, engine)
 
     @staticmethod
@@ -330,7 +327,7 @@ class CaptionIndex:
             self._engine.reload()  # sees commits made since, by this or another process
             searcher = self._engine.searcher()
         except ValueError as error:
-            raise CaptionIndexError(f"caption index {self.path} is damaged: {_one_line(error)}") from None
+            raise CaptionIndexError(f"caption index {self.path} is damaged: {one_line(error)}") from None
         self._searcher_of = (stamp, searcher)
         return searcher
 
@@ -387,7 +384,7 @@ class CaptionIndex:
                     if len(hits) == limit:
                         return hits
         except ValueError as error:  # the engine could not read a segment
-            raise CaptionIndexError(f"caption index {self.path} is damaged: {_one_line(error)}") from None
+            raise CaptionIndexError(f"caption index {self.path} is damaged: {one_line(error)}") from None
         return hits
 
     def pictures(self) -> Iterator[IndexedPicture]:
@@ -415,7 +412,7 @@ class CaptionIndex:
                 raise CaptionIndexError(
                     f"caption index {self.path} is being written by another process; try again when it is done"
                 ) from None
-            raise CaptionIndexError(f"caption index {self.path}: {_one_line(error)}") from None
+            raise CaptionIndexError(f"caption index {self.path}: {one_line(error)}") from None
         try:
             yield writer
             writer.wait_merging_threads()  # also releases the writer's lock

@@ -34,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .configuration_show_attend_tell import ShowAttendTellConfig
+from .errors import one_line
 from .modeling_show_attend_tell import ShowAttendTellForConditionalGeneration
 from .pipeline_show_attend_tell import words_and_attention
 from .processing_show_attend_tell import ShowAttendTellProcessor
@@ -107,14 +108,6 @@ _SIZE_FIELDS = ("vocab_size", "embed_dim", "attention_dim", "decoder_dim", "enco
 _TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
 
 
-def _one_line(error: BaseException) -> str:
-    """An exception as one line: its type (for the unexpected ones) and its message with newlines folded."""
-    text = " ".join(str(error).split())
-    if isinstance(error, (KeyError, TypeError, AttributeError, IndexError)) or not text:
-        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return text
-
-
 def resolve_model_folder(model_path: str | os.PathLike, *, revision: str | None = None) -> Path:
     """
     The local folder of `model_path`: the folder itself, or the Hub repository of that id downloaded into
@@ -136,7 +129,7 @@ def resolve_model_folder(model_path: str | os.PathLike, *, revision: str | None 
         raise ModelLoadError(f"{location}: no such model folder") from None
     except Exception as error:  # offline and not cached, no such repository or revision, network failure
         raise ModelLoadError(
-            f"{location}: no such folder, and the Hub repository could not be fetched ({_one_line(error)})"
+            f"{location}: no such folder, and the Hub repository could not be fetched ({one_line(error)})"
         ) from None
 
 
@@ -144,7 +137,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise ModelLoadError(f"{path}: not valid JSON ({_one_line(error)})") from None
+        raise ModelLoadError(f"{path}: not valid JSON ({one_line(error)})") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -196,7 +189,7 @@ def _stored_shapes(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
                     shapes[key] = (path.name, tuple(handle.get_slice(key).get_shape()))
         except Exception as error:  # SafetensorError: truncated, not safetensors at all, bad header
             raise ModelLoadError(
-                f"{path}: not a readable safetensors file ({_one_line(error)}); it may be truncated or "
+                f"{path}: not a readable safetensors file ({one_line(error)}); it may be truncated or "
                 "corrupt: download or save it again"
             ) from None
     return shapes
@@ -221,7 +214,7 @@ def _check_tokenizer_file(folder: Path) -> None:
         backend = Tokenizer.from_str(json.dumps(data))
     except Exception as error:  # tokenizers' parser: wrong types, unknown model type
         raise ModelLoadError(
-            f"{path}: not a tokenizer file this package can read ({_one_line(error)})"
+            f"{path}: not a tokenizer file this package can read ({one_line(error)})"
         ) from None
     vocab = backend.get_vocab(with_added_tokens=True)
     missing = [token for token in SPECIAL_TOKENS if token not in vocab]
@@ -287,7 +280,7 @@ def _check_shapes(model_class: Any, config: Any, folder: Path, files: list[Path]
         with torch.device("meta"):
             skeleton = model_class(config)
     except Exception as error:  # e.g. an encoder_config field of the wrong type
-        raise ModelLoadError(f"{path}: does not describe a model ({_one_line(error)})") from None
+        raise ModelLoadError(f"{path}: does not describe a model ({one_line(error)})") from None
     stored = _stored_shapes(files)
     for key, tensor in skeleton.state_dict().items():
         if key in stored and stored[key][1] != tuple(tensor.shape):
@@ -398,7 +391,7 @@ def load_model_and_processor(
         try:
             config = model_class.config_class.from_pretrained(folder)
         except Exception as error:  # a field of the wrong type or value
-            raise ModelLoadError(f"{config_path}: {_one_line(error)}") from None
+            raise ModelLoadError(f"{config_path}: {one_line(error)}") from None
         _check_config(config, config_path)
         _check_shapes(model_class, config, folder, files)
         model, info = model_class.from_pretrained(
@@ -413,7 +406,7 @@ def load_model_and_processor(
     except ModelLoadError:
         raise
     except Exception as error:  # anything else the files trigger in transformers: one line, not a traceback
-        raise ModelLoadError(f"{folder}: cannot load the model ({_one_line(error)})") from None
+        raise ModelLoadError(f"{folder}: cannot load the model ({one_line(error)})") from None
     _check_loaded(model, processor, info, folder, files)
     if device is not None:
         model = model.to(device)

@@ -33,6 +33,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetNotFoundError
 
+from ..errors import one_line
 from .common import (
     SPLITS,
     describe_columns,
@@ -105,11 +106,6 @@ def _download_error_types() -> tuple[type[BaseException], ...]:
 
         found.append(requests.RequestException)
     return tuple(found)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 def is_flickr30k_hub_schema(column_names: Iterable[str]) -> bool:
@@ -209,6 +205,6 @@ def load_flickr30k(
     except _download_error_types() as error:
         if local and not isinstance(error, (ConnectionError, TimeoutError)):
             raise  # a local folder's own problem (no parquet files...), not the network's
-        raise DatasetDownloadError(repo, revision, _one_line(error)) from error
+        raise DatasetDownloadError(repo, revision, one_line(error)) from error
     dataset = flickr30k_to_caption_dataset(raw, source=repo)
     return select_splits(dataset, splits, max_samples_per_split, source=repo)
