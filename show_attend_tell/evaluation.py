@@ -8,6 +8,8 @@ What `scripts/evaluate_captions.py` does, callable from Python::
     rows = evaluation.load_split("synthetic", "test", max_samples=50)
     references = evaluation.references_by_id(rows)  # image_id -> reference captions, in the split's order
     captions = {"predictions": evaluation.read_predictions("test.jsonl", references)}
+    # or captions made now, one entry per beam size: {"beam_1": [...], "beam_3": [...]}
+    captions, timings = evaluation.caption_split(model, processor, rows, num_beams=(1, 3))
     scores = evaluation.score_captions(captions, references, tokenizer=tokenizer)
     print(evaluation.format_table(scores.results, tokenizer=tokenizer))
     report = evaluation.build_report(
@@ -37,10 +39,12 @@ Java is installed) without being generated again; `show_attend_tell.hub` reads i
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic_files import write_text_atomic
-from .data import canonical_split, load_caption_dataset
+from .data import DatasetDownloadError, canonical_split, load_caption_dataset
 from .metrics import DEFAULT_METRICS, TOKENIZATION_LABELS, compute_caption_metrics, java_available
 
 #: (key in the scores, column name in the table), in the paper's order.
@@ -135,6 +139,103 @@ def references_by_id(rows: Any) -> dict[str, list[str]]:
             raise EvaluationError(f"image {image_id!r} has no reference caption")
         references[image_id] = captions
     return references
+
+
+# --------------------------------------------------------------------------------------------------
+# Captioning the split
+# --------------------------------------------------------------------------------------------------
+
+
+def caption_split(
+    model: Any,
+    processor: Any,
+    rows: Any,
+    *,
+    num_beams: Sequence[int] = (3,),
+    batch_size: int = 32,
+    max_new_tokens: int = 51,
+    num_workers: int = 0,
+    bf16: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """
+    Captions every image of `rows` (a split) with each beam size, on the model's device: returns
+    ({"beam_N": captions in row order, each on one line}, timings). The pictures are read in `num_workers`
+    DataLoader workers (`captioning.picture_batches`); each batch gets one encoder pass, shared by every beam
+    size's `captioning.caption_batch`, so `num_beams=(1, 3, 5)` costs one encoder pass, not three.
+
+    Raises:
+        EvaluationError: a picture cannot be read (named by its image_id and row).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .captioning import caption_batch, picture_batches
+
+    device = model.device
+    batches = picture_batches(
+        rows,
+        processor.image_processor,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    captions: dict[int, list[str | None]] = {beams: [None] * len(rows) for beams in num_beams}
+    timings: dict[str, float] = {"encode_seconds": 0.0, "data_wait_seconds": 0.0}
+    timings.update({f"generate_seconds_beam_{beams}": 0.0 for beams in num_beams})
+
+    def synchronize() -> None:  # so that GPU time is charged to the step that spent it
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
+    bar = tqdm(
+        total=len(rows), unit="img", desc=f"captioning (beams {list(num_beams)})", disable=not progress
+    )
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast, bar:
+        waited = time.perf_counter()
+        for batch in batches:
+            timings["data_wait_seconds"] += time.perf_counter() - waited
+            if batch.failed:
+                first = batch.failed[0]
+                more = f" (and {len(batch.failed) - 1} more in this batch)" if len(batch.failed) > 1 else ""
+                raise EvaluationError(
+                    f"image {first.key!r} (row {first.index}) cannot be read: {first.error}{more}"
+                )
+
+            # One encoder pass per batch, shared by every beam size.
+            tick = time.perf_counter()
+            pixel_values = batch.pixel_values.to(device, model.dtype, non_blocking=True)
+            encoder_outputs = model.get_encoder()(pixel_values, return_dict=True)
+            synchronize()
+            timings["encode_seconds"] += time.perf_counter() - tick
+
+            for beams in num_beams:
+                tick = time.perf_counter()
+                results = caption_batch(
+                    model,
+                    processor.tokenizer,
+                    encoder_outputs=encoder_outputs,
+                    num_beams=beams,
+                    num_return_sequences=1,
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                )
+                timings[f"generate_seconds_beam_{beams}"] += time.perf_counter() - tick
+                for index, result in zip(batch.positions, results, strict=True):
+                    captions[beams][index] = " ".join(result.caption.split())  # one line, single spaces
+            bar.update(len(batch.positions))
+            waited = time.perf_counter()
+    timings["captioning_seconds"] = time.perf_counter() - started
+    timings["images_per_second"] = len(rows) / max(timings["captioning_seconds"], 1e-9)
+    missing = [i for i, text in enumerate(captions[num_beams[0]]) if text is None]
+    if missing:  # cannot happen with a sequential sampler; guard against silent gaps anyway
+        examples = [str(rows["image_id"][i]) for i in missing[:3]]
+        raise RuntimeError(f"{len(missing)} images were not captioned, e.g. {examples}")
+    return {f"beam_{beams}": list(texts) for beams, texts in captions.items()}, timings
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,6 +571,156 @@ def update_model_card(card_path: str | os.PathLike, report: Mapping[str, Any], b
     write_text_atomic(card_path, card if card.endswith("\n") else card + "\n")
 
 
+# --------------------------------------------------------------------------------------------------
+# The command line's run (scripts/evaluate_captions.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """
+    The device, and the model and processor of --model on it with the decoding options asked for, loaded as every
+    script loads one (`load_model_and_processor`: the folder's code files run only with --trust-remote-code).
+    """
+    import torch
+
+    from .device import pick_device
+    from .hub import load_model_and_processor, set_decoding_options
+
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        raise EvaluationError(f"--device {error}") from None
+    if args.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EvaluationError("--bf16: this GPU does not support bfloat16")
+    try:
+        model, processor = load_model_and_processor(
+            args.model, device=device, trust_remote_code=args.trust_remote_code
+        )
+    except OSError as error:
+        raise EvaluationError(f"--model {args.model}: cannot load it ({error})") from None
+    if not hasattr(model, "generate"):
+        raise EvaluationError(f"--model {args.model}: {type(model).__name__} cannot generate captions")
+    try:
+        set_decoding_options(
+            model, fuse_attention_scores=args.fuse_attention, capture_steps=args.capture_steps
+        )
+    except ValueError as error:
+        raise EvaluationError(f"--model {args.model}: {error}") from None
+    print(f"model {args.model} on {device}{' (bf16 autocast)' if args.bf16 else ''}")
+    return device, model, processor
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """
+    What `scripts/evaluate_captions.py` does with its parsed command line (`args` holds its options): captions
+    the split (or reads `--predictions`), scores it, prints the table, writes the report and updates the card;
+    0 when done. Raises EvaluationError (one line) for what the user can fix.
+    """
+    started = time.perf_counter()
+    tokenizer = choose_tokenization(args.approximate_tokenization)  # before any work
+    try:
+        rows = load_split(
+            args.dataset,
+            args.split,
+            data_dir=args.data_dir,
+            image_dir=args.image_dir,
+            cache_dir=args.cache_dir,
+            max_samples=args.max_samples,
+            options=args.dataset_options,
+        )
+    except DatasetDownloadError as error:  # no network: say how to get the files, in this script's options
+        raise EvaluationError(f"--dataset {args.dataset}: {error.command_line_message()}") from None
+    references = references_by_id(rows)
+    where = f"the {args.split} split of {args.dataset}"
+    print(f"{where}: {len(references)} images, {sum(map(len, references.values()))} reference captions")
+    timings: dict[str, Any] = {"data_seconds": time.perf_counter() - started}
+
+    # Captions: {results entry: captions in the split's order}.
+    retrieval = device = None
+    if args.predictions is not None:
+        captions = {
+            PREDICTIONS_LABEL: read_predictions(args.predictions, references, where, args.predictions_entry)
+        }
+    else:
+        device, model, processor = prepare_model(args)
+        captions, caption_timings = caption_split(
+            model,
+            processor,
+            rows,
+            num_beams=args.num_beams,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            num_workers=args.num_workers,
+            bf16=args.bf16,
+            progress=not args.no_progress,
+        )
+        timings.update(caption_timings)
+        if args.retrieval:
+            retrieval, timings["retrieval_seconds"] = run_retrieval(
+                model,
+                processor,
+                rows,
+                batch_size=args.retrieval_batch_size,
+                bf16=args.bf16,
+                progress=not args.no_progress,
+            )
+
+    # One corpus per beam size. A failure (e.g. only METEOR asked for and no Java) still writes the captions
+    # below, so that they need not be generated again.
+    scores = score_captions(
+        captions, references, metrics=args.metrics, meteor_timeout=args.meteor_timeout, tokenizer=tokenizer
+    )
+    timings.update(scores.timings, total_seconds=time.perf_counter() - started)
+    for message in scores.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    if scores.results:
+        print()
+        print(format_table(scores.results, retrieval, tokenizer))
+    if len(scores.results) > 1 and all("bleu_4" in s for s in scores.results.values()):
+        print(f"best by BLEU-4: {best_label(scores.results).replace('beam_', 'beam ')}")
+
+    report = build_report(
+        model=args.model,
+        dataset=args.dataset,
+        split=args.split,
+        references=references,
+        captions=captions,
+        scores=scores,
+        tokenizer=tokenizer,
+        settings=_report_settings(args, device),
+        timings=timings,
+        retrieval=retrieval,
+    )
+    if args.output is not None:
+        write_report(args.output, report)
+        print(f"results written to {args.output}")
+    if scores.error is not None:
+        raise scores.error
+    if args.update_model_card is not None:
+        update_model_card(args.update_model_card, report, beams=args.card_beams)
+        print(f"model card updated: {args.update_model_card}")
+    return 0
+
+
+def _report_settings(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """The options that made the report's numbers."""
+    return {
+        "predictions_file": str(args.predictions) if args.predictions is not None else None,
+        "num_beams": args.num_beams if args.predictions is None else None,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "num_workers": args.num_workers,
+        "device": str(device) if device is not None else None,
+        "bf16": args.bf16,
+        "fuse_attention": args.fuse_attention,
+        "capture_steps": args.capture_steps,
+        "metrics": args.metrics,
+        "max_samples": args.max_samples,
+        "data_dir": args.data_dir,
+        "dataset_options": args.dataset_options,
+    }
+
+
 def versions() -> dict[str, str]:
     """Python's version and those of the packages that make the scores."""
     import importlib.metadata as metadata
@@ -489,10 +740,13 @@ __all__ = [
     "Scores",
     "best_label",
     "build_report",
+    "caption_split",
     "card_results",
     "choose_tokenization",
+    "evaluate",
     "format_table",
     "load_split",
+    "prepare_model",
     "read_predictions",
     "references_by_id",
     "run_retrieval",

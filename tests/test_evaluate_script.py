@@ -539,9 +539,8 @@ def test_an_unreadable_image_is_reported_with_its_id(tiny_model, processor):
          "image_id": ["ok", "broken"]},
         features=Features({"image": Image(), "image_id": Value("string")}),
     )  # fmt: skip
-    args = evaluate_script.parse_args(["--model", "m", "--num-beams", "1", "3", "--no-progress"])
-    with pytest.raises(evaluate_script.EvaluationError) as raised:
-        evaluate_script.caption_split(tiny_model, processor, rows, args, torch.device("cpu"))
+    with pytest.raises(evaluation.EvaluationError) as raised:
+        evaluation.caption_split(tiny_model, processor, rows, num_beams=[1, 3], progress=False)
     message = str(raised.value)
     assert message.startswith("image 'broken' (row 1) cannot be read: not an image file Pillow can read")
     assert "\n" not in message
