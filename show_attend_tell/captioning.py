@@ -318,7 +318,7 @@ def caption_batch(
     if (pixel_values is None) == (encoder_outputs is None):
         raise ValueError("caption_batch needs pixel_values or encoder_outputs (one of them)")
     if encoder_outputs is not None:
-        # generate() expands the object it is given for beam search: each call gets its own.
+        # transformers' generate() may expand the object it is given for beam search: each call gets its own.
         inputs: dict[str, Any] = {"encoder_outputs": BaseModelOutput(**encoder_outputs)}
         pictures = len(encoder_outputs.last_hidden_state)
     else:

@@ -312,3 +312,28 @@ def test_keep_pixel_values_gives_the_model_input(tmp_path):
     assert result.key == str(path)
     expected = PROCESSOR.image_processor(Image.open(path), return_tensors="pt")["pixel_values"][0]
     assert torch.equal(result.pixel_values, expected)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_validations_generate_captions_gives_each_picture_its_alone_caption_and_maps(num_beams):
+    from show_attend_tell.training import generate_captions
+
+    images = [picture(seed, size=(20 + 9 * seed, 50)) for seed in range(6)]
+    generated = generate_captions(
+        MODEL,
+        PROCESSOR,
+        images,
+        batch_size=4,
+        num_beams=num_beams,
+        max_new_tokens=MAX_NEW_TOKENS,
+        output_attentions=True,
+    )
+    for caption, token_ids, attention, image in zip(
+        generated.captions, generated.token_ids, generated.attention, images, strict=True
+    ):
+        expected = alone(image, num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS)
+        assert caption == expected["captions"][0]
+        assert PROCESSOR.tokenizer.convert_ids_to_tokens(token_ids) == expected["words"]
+        torch.testing.assert_close(attention, torch.from_numpy(expected["attention"]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"^picture 1: not an image file Pillow can read"):
+        generate_captions(MODEL, PROCESSOR, [images[0], b"not a picture"], max_new_tokens=2)

@@ -45,7 +45,6 @@ def generate_captions(
     max_new_tokens: int = 51,
     output_attentions: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-    device: torch.device | str | None = None,
 ) -> GeneratedCaptions:
     """
     Captions `images` with `model.generate` in batches of `batch_size` pictures (`captioning.caption_images`,
@@ -55,14 +54,10 @@ def generate_captions(
         model: a `ShowAttendTellForConditionalGeneration` (unwrapped from Accelerate/DDP).
         output_attentions: also return, per picture, the attention map of every generated word.
         autocast: a context-manager factory for mixed precision (e.g. `accelerator.autocast`).
-        device: where the model must be (a check; default: wherever it is).
 
     Raises:
         ValueError: a picture cannot be used (the message names its position and the reason).
     """
-    wanted = torch.device(device) if device is not None else model.device
-    if wanted.type != model.device.type or wanted.index not in (None, model.device.index):
-        raise ValueError(f"generate_captions: the model is on {model.device}, not on {device}")
     result = GeneratedCaptions(captions=[])
     for captioned in caption_images(
         model,
