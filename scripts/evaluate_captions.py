@@ -50,7 +50,8 @@ PROG = "evaluate_captions.py"
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options: what to score (a model or a predictions file), the data, captioning, scoring and output."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Caption a dataset split and score it with BLEU-1..4, METEOR, ROUGE-L and CIDEr.",
@@ -94,8 +95,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--split", default="test", help="train, validation (val) or test (default %(default)s)")
     data.add_argument("--max-samples", type=int, help="evaluate only the first N images of the split")
+    _add_captioning_options(parser.add_argument_group("captioning"))
+    _add_scoring_options(parser.add_argument_group("scoring and output"))
+    return parser
 
-    decoding = parser.add_argument_group("captioning")
+
+def _add_captioning_options(decoding: argparse._ArgumentGroup) -> None:
     decoding.add_argument(
         "--num-beams", type=int, nargs="+", default=[3], help="beam sizes to evaluate (default 3)"
     )
@@ -127,7 +132,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "is decoded to the end)",
     )
 
-    scoring = parser.add_argument_group("scoring and output")
+
+def _add_scoring_options(scoring: argparse._ArgumentGroup) -> None:
     scoring.add_argument(
         "--metrics",
         nargs="+",
@@ -171,6 +177,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     scoring.add_argument("--retrieval-batch-size", type=int, help="decoder rows per forward for --retrieval")
     scoring.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: numbers in range, paths that exist, `--dataset-option`s parsed."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "max_samples", "retrieval_batch_size"):
         value = getattr(args, name)
