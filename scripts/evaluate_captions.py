@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from show_attend_tell import evaluation
-from show_attend_tell.data import DATASET_OPTION_HELP, parse_dataset_options
+from show_attend_tell.data import add_dataset_option_argument, parse_dataset_options
 from show_attend_tell.evaluation import EvaluationError
 from show_attend_tell.metrics import DEFAULT_METRICS
 
@@ -86,13 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", help="local copy of the data for the named sources")
     data.add_argument("--image-dir", help="image folder of a Karpathy split JSON")
     data.add_argument("--cache-dir", help="datasets cache (or the synthetic data's cache)")
-    data.add_argument(
-        "--dataset-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=DATASET_OPTION_HELP,
-    )
+    add_dataset_option_argument(data)
     data.add_argument("--split", default="test", help="train, validation (val) or test (default %(default)s)")
     data.add_argument("--max-samples", type=int, help="evaluate only the first N images of the split")
     _add_captioning_options(parser.add_argument_group("captioning"))

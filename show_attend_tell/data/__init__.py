@@ -16,7 +16,13 @@ from .flickr30k import (
     load_flickr30k,
 )
 from .karpathy import load_karpathy_json
-from .loading import DATASET_OPTION_HELP, NAMED_SOURCES, load_caption_dataset, parse_dataset_options
+from .loading import (
+    DATASET_OPTION_HELP,
+    NAMED_SOURCES,
+    add_dataset_option_argument,
+    load_caption_dataset,
+    parse_dataset_options,
+)
 from .local import load_image_folder_captions, load_parquet_captions, write_parquet
 from .synthetic import (
     COLOR_RGB,
@@ -50,6 +56,7 @@ __all__ = [
     "SYNTHETIC_FEATURES",
     "SYNTHETIC_VERSION",
     "DatasetDownloadError",
+    "add_dataset_option_argument",
     "canonical_split",
     "flickr30k_to_caption_dataset",
     "hub_download_command",

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import DatasetDict
 
@@ -16,6 +16,9 @@ from .flickr30k import FLICKR30K_REPO_ID, load_flickr30k
 from .karpathy import load_karpathy_json
 from .local import load_image_folder_captions, load_parquet_captions
 from .synthetic import SYNTHETIC_DEFAULT_SIZES, make_synthetic_dataset
+
+if TYPE_CHECKING:
+    import argparse
 
 #: Source names that are not paths. ``karpathy``, ``parquet`` and ``imagefolder`` take the path
 #: from ``data_dir``; a path given directly as the source is recognised by what it contains.
@@ -30,6 +33,14 @@ DATASET_OPTION_HELP = (
 )
 # Python's and other spellings of JSON's true/false/null: read as text they would be silently truthy strings.
 _LITERAL_LOOKALIKES = {"true": "true", "false": "false", "none": "null", "null": "null"}
+
+
+def add_dataset_option_argument(parser: argparse._ActionsContainer) -> None:
+    """Declares `--dataset-option KEY=VALUE` (repeatable) on a parser or argument group, with its meaning in
+    `--help`; :func:`parse_dataset_options` reads what it collects (`args.dataset_option`)."""
+    parser.add_argument(
+        "--dataset-option", action="append", default=[], metavar="KEY=VALUE", help=DATASET_OPTION_HELP
+    )
 
 
 def parse_dataset_options(items: Iterable[str]) -> dict[str, Any]:

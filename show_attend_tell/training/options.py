@@ -7,7 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
-from ..data import DATASET_OPTION_HELP, canonical_split, parse_dataset_options
+from ..data import add_dataset_option_argument, canonical_split, parse_dataset_options
 from ..data.loading import NAMED_SOURCES
 from .checkpoint import CheckpointError, list_checkpoints, resolve_checkpoint
 from .model_sizes import MODEL_SIZES
@@ -50,13 +50,7 @@ def add_data_and_model_options(parser: argparse.ArgumentParser) -> None:
         "--image-dir", help="image folder of a Karpathy split JSON (default: images/ next to it)"
     )
     data.add_argument("--dataset-cache-dir", help="cache of the datasets library / of the synthetic data")
-    data.add_argument(
-        "--dataset-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=DATASET_OPTION_HELP,
-    )
+    add_dataset_option_argument(data)
     data.add_argument("--train-split", default="train", help="split to train on (val, dev... accepted)")
     data.add_argument("--val-split", default="validation", help="split validated on after every epoch")
     data.add_argument("--max-train-samples", type=int, help="train on the first N images only")
