@@ -246,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     from show_attend_tell.device import pick_device
+    from show_attend_tell.errors import one_line
     from show_attend_tell.hub import UnsafeWeightsError
     from show_attend_tell.image_processing_show_attend_tell import image_files
     from show_attend_tell.retrieval import CaptionRetriever, ImageGallery
@@ -264,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             str(args.model), device=device, trust_remote_code=args.trust_remote_code
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
-        print(f"{PROG}: error: cannot load the model: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{PROG}: error: cannot load the model: {one_line(error)}", file=sys.stderr)
         return 2
 
     retriever = None

@@ -54,6 +54,7 @@ from show_attend_tell.caption_files import (
     dataset_inputs,
     print_rows,
 )
+from show_attend_tell.errors import one_line
 from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor, set_decoding_options
 
 PROG = "caption.py"
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def fail(message: str, status: int) -> int:
         if is_main:
-            print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+            print(f"{PROG}: error: {message}", file=sys.stderr)
         return status
 
     try:
@@ -261,18 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             trust_remote_code=args.trust_remote_code,
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
-        return fail(f"cannot load the model: {error}", 2)
+        return fail(f"cannot load the model: {one_line(error)}", 2)
     set_decoding_options(model, fuse_attention_scores=args.fuse_attention, capture_steps=args.capture_steps)
     try:
         inputs = collect_inputs(args)
     except (OSError, ValueError, ImportError) as error:  # ImportError: --dataset without `datasets`
-        return fail(str(error), 2)
+        return fail(one_line(error), 2)
     if not inputs.keys:
         return fail("no images to caption", 1)
     try:
         options = generation_options(args, model)
     except ValueError as error:
-        return fail(str(error), 2)
+        return fail(one_line(error), 2)
 
     status = 0
     with output_file(args, accelerator) as output:

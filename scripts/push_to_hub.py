@@ -81,6 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from show_attend_tell import hub
+    from show_attend_tell.errors import one_line
     from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
 
     eval_results = None
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with_figure=not args.no_figure,
             )
         except (OSError, ValueError) as error:
-            print(f"{PROG}: error: cannot read the model: {' '.join(str(error).split())}", file=sys.stderr)
+            print(f"{PROG}: error: cannot read the model: {one_line(error)}", file=sys.stderr)
             return 2
         print(
             f"{PROG}: assembled {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}",

@@ -828,8 +828,7 @@ def _training_record(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split())
-        print(f"warning: {path.name} not used for the model card ({reason})", file=sys.stderr)
+        print(f"warning: {path.name} not used for the model card ({one_line(error)})", file=sys.stderr)
         return None
     return record if isinstance(record, dict) else None
 

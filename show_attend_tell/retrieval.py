@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import one_line
 from .feature_cache import FeatureCache, feature_cache_key, image_processor_settings
 from .image_processing_show_attend_tell import IMAGE_SUFFIXES, describe_image_error, image_files, load_image
 from .modeling_show_attend_tell import ShowAttendTellCache
@@ -360,9 +361,7 @@ def _open_cache(directory: Path, gallery: ImageGallery) -> FeatureCache | None:
         cache.statuses()  # opens both files: a truncated one fails here
         cache.read_rows([0])
     except Exception as error:  # a damaged or foreign folder: encode again rather than fail the query
-        logger.warning(
-            "encoding again: unreadable feature cache %s (%s)", directory, " ".join(str(error).split())
-        )
+        logger.warning("encoding again: unreadable feature cache %s (%s)", directory, one_line(error))
         shutil.rmtree(directory, ignore_errors=True)
         return None
     return cache

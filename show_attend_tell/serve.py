@@ -67,6 +67,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import captioning
 from .device import pick_device
+from .errors import one_line
 from .image_processing_show_attend_tell import describe_image_error, to_rgb
 
 try:  # at module level because FastAPI resolves the endpoints' string annotations in this namespace
@@ -1009,7 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trust_remote_code=args.trust_remote_code,
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
-        print(f"cannot load the model from {args.model}: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"cannot load the model from {args.model}: {one_line(error)}", file=sys.stderr)
         return 2
     app = create_app(
         captioner,

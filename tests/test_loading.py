@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import run_check_script
+from conftest import load_script, run_check_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModel
@@ -543,28 +543,6 @@ def test_the_folders_code_runs_only_with_trust_remote_code(clean_folder, tmp_pat
     )
 
 
-def _load_caption_script():
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("caption_script", REPO / "scripts" / "caption.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["caption_script"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_evaluate_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_script", REPO / "scripts" / "evaluate_captions.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def synthetic_data_options(tmp_path: Path) -> list[str]:
     """evaluate_captions.py's options for a small synthetic split, cached under `tmp_path`."""
     return [
@@ -584,8 +562,8 @@ def test_scripts_run_the_folders_code_only_with_trust_remote_code(
 
     image = tmp_path / "picture.png"
     sample_image.save(image)
-    caption = _load_caption_script()
-    evaluate = _load_evaluate_script()
+    caption = load_script("caption")
+    evaluate = load_script("evaluate_captions")
     data = synthetic_data_options(tmp_path)
     data += ["--max-samples", "2", "--no-progress", "--num-workers", "0", "--num-beams", "1"]
     data += ["--max-new-tokens", "4", "--device", "cpu", "--metrics", "bleu"]
@@ -637,17 +615,23 @@ def test_each_script_says_in_one_line_which_file_is_broken(corruption, clean_fol
     corrupt(folder)
     image = tmp_path / "picture.png"
     image.write_bytes(b"")  # never read: the model is refused first
-    evaluate = _load_evaluate_script()
+    evaluate = load_script("evaluate_captions")
+    push_to_hub = load_script("push_to_hub")
     data = synthetic_data_options(tmp_path)
     runs = {
-        "caption.py": lambda flag: _load_caption_script().main(["--model", str(folder), str(image), *flag]),
+        "caption.py": lambda flag: load_script("caption").main(["--model", str(folder), str(image), *flag]),
         "evaluate_captions.py": lambda flag: evaluate.main(
             ["--model", str(folder), *data, "--max-samples", "1", *flag]
         ),
         "serve": lambda flag: serve.main(["--model", str(folder), *flag]),
+        "app.py": lambda flag: load_script("app").main(["--model", str(folder), "--device", "cpu", *flag]),
+        # push_to_hub.py has no --trust-remote-code: it copies the folder's code files without running them
+        "push_to_hub.py": lambda flag: push_to_hub.main(
+            ["--model", str(folder), "--repo-id", "me/sat", "--dry-run", str(tmp_path / "hub")]
+        ),
     }
     for name, run in runs.items():
-        for flag in ([], ["--trust-remote-code"]):
+        for flag in ([], ["--trust-remote-code"]) if name != "push_to_hub.py" else ([],):
             capsys.readouterr()
             assert run(flag) == 2, (name, flag)
             errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

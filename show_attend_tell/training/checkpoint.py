@@ -23,6 +23,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from ..errors import one_line
 from ..saving import recover_directory, replace_directory
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -145,7 +146,7 @@ def describe_write_error(error: BaseException) -> str | None:
     """
     if isinstance(error, OSError):
         return f"{describe_os_error(error)} ({error})"
-    text = " ".join(str(error).split())
+    text = one_line(error)
     if isinstance(error, SafetensorError):
         match = _SAFETENSORS_OS_ERROR.search(text)
         if match is not None:
