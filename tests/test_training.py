@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import importlib.util
 import io
 import itertools
 import json
@@ -258,6 +257,38 @@ def test_training_from_python_raises_the_usage_error_the_script_prints(
     check_args(args)
     with pytest.raises(UsageError, match="--seed: 7 then, 8 now"):
         train(args)
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP"])
+def test_deepspeed_or_fsdp_is_refused_in_words_for_python_and_the_script(
+    tmp_path: Path, data_cache: Path, train_script, capsys, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from show_attend_tell.training import loop
+
+    class ConfiguredAccelerator(Accelerator):
+        """What `accelerate config` with DeepSpeed or FSDP gives (those need GPUs to start for real)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.state.distributed_type = DistributedType[kind]
+
+    monkeypatch.setattr(loop, "Accelerator", ConfiguredAccelerator)
+    argv = tiny_args(data_cache, tmp_path / "run", "--max-steps 1")
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    with pytest.raises(UsageError) as raised:
+        train(args)
+    message = str(raised.value)
+    assert {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}[kind] in message and "(DDP)" in message
+    assert "script" not in message  # train(args) is called from Python too
+    assert not (tmp_path / "run").exists()  # refused before any work
+    reset_accelerate()
+    capsys.readouterr()
+    assert train_script.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def test_dataset_default_is_flickr30k_as_in_the_evaluation_script() -> None:

@@ -247,7 +247,12 @@ def make_accelerator(args: argparse.Namespace) -> tuple[Accelerator, str]:
     except (ValueError, RuntimeError) as error:
         raise UsageError(f"--mixed-precision {args.mixed_precision}: {error}") from None
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise UsageError("this script uses plain data parallelism (DDP); the model fits on one device")
+        # Worded for train.py's users and for train(args) from Python alike: the choice is Accelerate's config.
+        chosen = "DeepSpeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else "FSDP"
+        raise UsageError(
+            f"Accelerate is configured for {chosen}: training uses plain data parallelism (DDP), as the model "
+            "fits on one device; choose multi-GPU in `accelerate config`"
+        )
     world = accelerator.num_processes
     if int(os.environ.get("WORLD_SIZE", "1")) > world:  # each process would think it is alone
         raise UsageError(
@@ -291,7 +296,7 @@ def load_splits(args: argparse.Namespace, validate: bool) -> tuple[Dataset, Data
             splits=splits,
             **args.dataset_options,
         )
-    except DatasetDownloadError as error:  # no network: say how to get the files, in this script's options
+    except DatasetDownloadError as error:  # no network: say how to get the files, in the training options
         raise DataError(f"cannot load --dataset {args.dataset}: {error.command_line_message()}") from None
     except (ValueError, FileNotFoundError, TypeError) as error:
         raise DataError(f"cannot load --dataset {args.dataset}: {error}") from None
