@@ -3,7 +3,11 @@
 
     python benchmarks/bench_search.py                      # both parts, results JSON in benchmarks/results/
     python benchmarks/bench_search.py --quality-only --model outputs/demo/run/model
-    python benchmarks/bench_search.py --speed-only --sizes 10000 100000 1000000
+    python benchmarks/bench_search.py --speed-only         # 10k, 100k and 1M rows: a few minutes on 2 cores
+    python benchmarks/bench_search.py --quick --model M    # every part on tiny sizes: checks the benchmark
+
+Each part's figures are stored with the command, the time and the load average it ran under; rerunning one
+part keeps the other part's latest figures in the results file.
 
 Quality. For the synthetic test split and for a generated gallery of --gallery-size pictures, each picture is
 written to a folder and indexed with `scripts/search_images.py build` (the real captioning path: beam search,
@@ -111,7 +115,7 @@ def quality(args: argparse.Namespace, work: Path) -> dict:
     search_images = load_script("search_images")
     galleries = {
         "synthetic test split": make_synthetic_dataset(
-            num_train=0, num_validation=0, num_test=250, image_size=image_size
+            num_train=0, num_validation=0, num_test=args.test_size, image_size=image_size
         )["test"],
         f"generated gallery of {args.gallery_size}": make_synthetic_dataset(
             num_train=0, num_validation=0, num_test=args.gallery_size, image_size=image_size, seed=2026
@@ -120,6 +124,7 @@ def quality(args: argparse.Namespace, work: Path) -> dict:
     report = {
         "model": str(model_dir),
         "candidates": args.candidates,
+        "test_size": args.test_size,
         "num_beams": args.num_beams,
         "galleries": {},
     }
@@ -146,21 +151,11 @@ def quality(args: argparse.Namespace, work: Path) -> dict:
         positives = [positions[f"{i:05d}.png"] for i in picked]
 
         started = time.perf_counter()
-        scores = score_captions(model, features, tokenize_queries(processor, queries))  # (images, queries)
+        # (images, queries); many rows per forward: the tiny model's cost is the per-step overhead, not the rows
+        scores = score_captions(model, features, tokenize_queries(processor, queries), batch_size=8192)
         exhaustive_seconds = time.perf_counter() - started
         own = scores[torch.tensor(positives), torch.arange(len(queries))]
         exhaustive_ranks = (1 + (scores > own.unsqueeze(0)).sum(dim=0)).tolist()
-
-        retriever = IndexedRetriever(
-            model, processor, index, gallery=gallery, features=features, candidates=args.candidates
-        )
-        two_stage_ranks = []
-        started = time.perf_counter()
-        for query, positive in zip(queries, positives, strict=True):
-            result = retriever.search(query, top_k=10, return_attention=False)
-            hit_positions = [positions[Path(hit.image_id).name] for hit in result.hits]
-            two_stage_ranks.append(hit_positions.index(positive) + 1 if positive in hit_positions else 10**9)
-        two_stage_seconds = time.perf_counter() - started
 
         def recall(ranks: list[int]) -> dict[str, float]:
             return {f"recall@{k}": sum(r <= k for r in ranks) / len(ranks) for k in (1, 5, 10)}
@@ -169,23 +164,38 @@ def quality(args: argparse.Namespace, work: Path) -> dict:
             "pictures": len(split),
             "queries": len(queries),
             "exhaustive": recall(exhaustive_ranks),
-            "two_stage": recall(two_stage_ranks),
             "build_seconds": round(build_seconds, 1),
             "exhaustive_seconds_per_query": round(exhaustive_seconds / len(queries), 4),
-            "two_stage_seconds_per_query": round(two_stage_seconds / len(queries), 4),
+            "two_stage": {},
         }
-        entry["r5_ratio"] = round(
-            entry["two_stage"]["recall@5"] / max(entry["exhaustive"]["recall@5"], 1e-9), 3
-        )
+        for candidates in args.candidates:
+            retriever = IndexedRetriever(
+                model, processor, index, gallery=gallery, features=features, candidates=candidates
+            )
+            two_stage_ranks = []
+            started = time.perf_counter()
+            for query, positive in zip(queries, positives, strict=True):
+                result = retriever.search(query, top_k=10, return_attention=False)
+                hit_positions = [positions[Path(hit.image_id).name] for hit in result.hits]
+                two_stage_ranks.append(
+                    hit_positions.index(positive) + 1 if positive in hit_positions else 10**9
+                )
+            seconds = time.perf_counter() - started
+            values = recall(two_stage_ranks)
+            values["seconds_per_query"] = round(seconds / len(queries), 4)
+            values["r5_ratio"] = round(values["recall@5"] / max(entry["exhaustive"]["recall@5"], 1e-9), 3)
+            entry["two_stage"][str(candidates)] = values
         report["galleries"][name] = entry
         print(
             f"\n{name}: {len(split)} pictures, {len(queries)} queries, index built in {build_seconds:.0f} s"
         )
-        print(f"  {'':12} {'R@1':>6} {'R@5':>6} {'R@10':>6}")
-        for label in ("exhaustive", "two_stage"):
-            values = entry[label]
-            print(f"  {label:12} " + " ".join(f"{values[f'recall@{k}']:6.3f}" for k in (1, 5, 10)))
-        print(f"  two-stage R@5 / exhaustive R@5 = {entry['r5_ratio']:.3f} (target >= 0.95)", flush=True)
+        print(f"  {'':22} {'R@1':>6} {'R@5':>6} {'R@10':>6}  R@5 / exhaustive R@5 (target >= 0.95)")
+        rows = [("exhaustive", entry["exhaustive"])]
+        rows += [(f"two stage, {c} candidates", v) for c, v in entry["two_stage"].items()]
+        for label, values in rows:
+            ratio = f"  {values['r5_ratio']:.3f}" if "r5_ratio" in values else ""
+            print(f"  {label:22} " + " ".join(f"{values[f'recall@{k}']:6.3f}" for k in (1, 5, 10)) + ratio)
+        sys.stdout.flush()
     return report
 
 
@@ -255,11 +265,18 @@ def sqlite_fts5(rows: list[str], queries: list[str], path: Path) -> dict:
     }
 
 
-def paper_size_model(vocab_size: int):
-    """The specification's model (ResNet-101, 512-wide decoder) with random weights: what the latency costs."""
+def rerank_model(vocab_size: int, tiny: bool = False):
+    """
+    The specification's model (ResNet-101, 512-wide decoder) with random weights: what the latency costs. With
+    `tiny` (--quick), the tiny configuration, for a check of the benchmark itself rather than a measurement.
+    """
     from show_attend_tell import ShowAttendTellConfig, ShowAttendTellForConditionalGeneration
 
-    config = ShowAttendTellConfig(vocab_size=vocab_size)
+    config = (
+        ShowAttendTellConfig.tiny(vocab_size=vocab_size)
+        if tiny
+        else ShowAttendTellConfig(vocab_size=vocab_size)
+    )
     return ShowAttendTellForConditionalGeneration(config).eval()
 
 
@@ -282,16 +299,21 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
         [c for row in pictures for c in row["captions"]], min_freq=1
     )
     processor = ShowAttendTellProcessor(ShowAttendTellImageProcessor(), tokenizer)
-    model = paper_size_model(len(tokenizer))
+    model = rerank_model(len(tokenizer), tiny=args.quick)
     images = [row["image"] for row in pictures]
     started = time.perf_counter()
-    real = encode_gallery(model, processor, ImageGallery.from_images(images), use_cache=False, batch_size=8)
+    # On disk, as a gallery's features are: a re-ranking reads its candidates' rows from the cache's files.
+    real = encode_gallery(
+        model, processor, ImageGallery.from_images(images), cache_dir=work / "features", batch_size=8
+    )
     encode_seconds = time.perf_counter() - started
     record = {"fingerprint": "bench", "generation": {"composed": True}}
     report = {
         "queries": len(queries),
         "example_queries": queries[:6],
-        "rerank_model": "paper size (ResNet-101 at 256 px, 512-wide LSTM), random weights",
+        "rerank_model": "tiny configuration, random weights (--quick)"
+        if args.quick
+        else "paper size (ResNet-101 at 256 px, 512-wide LSTM), random weights",
         "encoder_seconds_per_picture": round(encode_seconds / len(images), 3),
         "sizes": {},
     }
@@ -319,7 +341,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
                 return time.perf_counter() - started
             picks = [int(hit.image_id) % len(images) for hit in found]
             if cached:
-                grid = real.grid[torch.tensor(picks)]
+                grid = real.select(picks).grid
             else:
                 gallery = ImageGallery.from_images([images[p] for p in picks])
                 grid = encode_gallery(model, processor, gallery, use_cache=False, batch_size=20).grid
@@ -334,7 +356,7 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
             "rows": rows_wanted,
             "build_seconds": round(build, 2),
             "build_rows_per_second": round(rows_wanted / build),
-            "size_mib": round(index.size_on_disk() / 2**20, 1),
+            "size_mib": round(index.size_on_disk() / 2**20, 3),
             "first_stage_ms_p50": round(1000 * statistics.median(first), 2),
             "first_stage_ms_p95": round(1000 * percentile(first, 0.95), 2),
             "two_stage_cached_ms_p50": round(1000 * statistics.median(cached), 1),
@@ -367,16 +389,40 @@ def speed(args: argparse.Namespace, work: Path) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+QUICK = {  # --quick: every part on tiny sizes, to check the benchmark itself (tests/test_bench_search.py)
+    "test_size": 30,
+    "gallery_size": 60,
+    "queries": 20,
+    "candidates": [10, 30],
+    "num_beams": 2,
+    "sizes": [300, 1000],
+    "speed_queries": 20,
+    "rerank_queries": 3,
+    "encoder_queries": 1,
+    "real_pictures": 4,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", help="the model whose search quality is measured (see above for the default)"
     )
     parser.add_argument("--quality-only", action="store_true")
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and a tiny re-ranking model: checks, not figures"
+    )
+    parser.add_argument("--test-size", type=int, default=250, help="pictures of the synthetic test split")
     parser.add_argument("--gallery-size", type=int, default=2000, help="pictures of the generated gallery")
     parser.add_argument("--queries", type=int, default=250, help="quality queries per gallery")
-    parser.add_argument("--candidates", type=int, default=100, help="index candidates re-ranked (quality)")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        nargs="+",
+        default=[50, 100, 200],
+        help="index candidates re-ranked (quality; one measurement per value)",
+    )
     parser.add_argument(
         "--num-beams", type=int, default=5, help="beams and captions per picture of the index"
     )
@@ -393,31 +439,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.quick:
+        given = {
+            a.split("=")[0].lstrip("-").replace("-", "_")
+            for a in (argv or sys.argv[1:])
+            if a.startswith("--")
+        }
+        for name, value in QUICK.items():
+            if name not in given:  # what the command line says wins
+                setattr(args, name, value)
+    return args
+
+
+def machine(threads: int) -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "load_average": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)  # fixed: a guess oversubscribes a shared 2-core machine
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    report: dict = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
-            "load_average_at_start": os.getloadavg(),
-        },
-        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
+    command = "python benchmarks/bench_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
     previous = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    # Each part keeps its own command and machine conditions: rerunning one leaves the other's latest figures.
+    report = {part: previous[part] for part in ("quality", "speed") if part in previous}
+    parts = {"quality": quality, "speed": speed}
+    if args.speed_only:
+        parts.pop("quality")
+    if args.quality_only:
+        parts.pop("speed")
     with tempfile.TemporaryDirectory(prefix="bench-search-") as work:
-        if not args.speed_only:
-            report["quality"] = quality(args, Path(work))
-        elif "quality" in previous:
-            report["quality"] = previous["quality"]  # one part rerun: the other part's latest figures stay
-        if not args.quality_only:
-            report["speed"] = speed(args, Path(work))
-        elif "speed" in previous:
-            report["speed"] = previous["speed"]
-    report["machine"]["load_average_at_end"] = os.getloadavg()
+        for part, measure in parts.items():
+            started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            conditions = {"command": command, "started": started, "machine_at_start": machine(args.threads)}
+            results = measure(args, Path(work))
+            report[part] = {**conditions, "machine_at_end": machine(args.threads), **results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nresults: {args.output}")

@@ -107,6 +107,35 @@ def figure_to_image(fig: Any) -> Any:
     return Image.open(buffer).convert("RGB")
 
 
+def search_pictures(
+    retriever: Any | None, query: str, top_k: int
+) -> tuple[list[tuple[Any, str]], Any, str | None]:
+    """
+    What the Search tab shows for `query`: the pictures found (each with its label `#rank id (score)`), the
+    figure of the query's attention over them and a warning for the page (why there are no pictures, or the
+    words the model does not know). A `CaptionRetriever` searches the example pictures, an `IndexedRetriever`
+    a caption index. Raises ValueError with the message for the page when there is nothing to search.
+    """
+    from show_attend_tell.retrieval import plot_search_results
+
+    if retriever is None:
+        raise ValueError("Nothing to search: start the app with --examples FOLDER or --index PATH.")
+    if not query or not query.strip():
+        raise ValueError("Type a sentence to search for.")
+    result = retriever.search(query, top_k=top_k)
+    # An index search brings its own gallery (the candidates it re-ranked); hit.index refers to it.
+    searched = result.gallery or retriever.gallery
+    pictures = [
+        (searched.load(hit.index), f"#{hit.rank} {hit.image_id} ({hit.score:.2f})") for hit in result.hits
+    ]
+    warning = None
+    if result.reason:
+        warning = f"No pictures: {result.reason}."
+    elif result.unknown_words:
+        warning = f"Words the model does not know (scored as <unk>): {', '.join(result.unknown_words)}"
+    return pictures, plot_search_results(result, searched), warning
+
+
 def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[Path] = ()) -> Any:
     """
     The Gradio interface around a `show_attend_tell.serve.Captioner` and, for the search tab, a
@@ -115,7 +144,6 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
     import gradio as gr
 
     from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
-    from show_attend_tell.retrieval import plot_search_results
     from show_attend_tell.serve import CaptionOptions
     from show_attend_tell.visualization import plot_attention
 
@@ -137,24 +165,13 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
 
     def search(query: str, top_k: float) -> Iterator[tuple[list[tuple[Any, str]], Any]]:
         yield [], None
-        if retriever is None:
-            raise gr.Error("Nothing to search: start the app with --examples FOLDER or --index PATH.")
-        if not query or not query.strip():
-            raise gr.Error("Type a sentence to search for.")
         try:
-            result = retriever.search(query, top_k=int(top_k))
+            pictures, figure, warning = search_pictures(retriever, query, int(top_k))
         except ValueError as error:
             raise gr.Error(str(error)) from None
-        # An index search brings its own gallery (the candidates it re-ranked); hit.index refers to it.
-        searched = result.gallery or retriever.gallery
-        gallery = [
-            (searched.load(hit.index), f"#{hit.rank} {hit.image_id} ({hit.score:.2f})") for hit in result.hits
-        ]
-        if result.reason:
-            gr.Warning(f"No pictures: {result.reason}.")
-        elif result.unknown_words:
-            gr.Warning(f"Words the model does not know (scored as <unk>): {', '.join(result.unknown_words)}")
-        yield gallery, figure_to_image(plot_search_results(result, searched))
+        if warning:
+            gr.Warning(warning)
+        yield pictures, figure_to_image(figure)
 
     def figure_view(label: str, elem_id: str) -> Any:
         """Where an attention figure is shown (read-only, PNG)."""
@@ -236,6 +253,43 @@ def make_theme() -> Any:
     )
 
 
+def make_retriever(
+    captioner: Any, examples: Path | None, index: Path | None, cache_dir: Path | None = None
+) -> tuple[Any | None, list[Path]]:
+    """
+    What the Search tab searches, and the example pictures to offer: the readable pictures of the `examples`
+    folder (a `CaptionRetriever` over them), or with `index` the caption index (an `IndexedRetriever`, which
+    takes the examples' cached features for those of its pictures that are examples). None when there is
+    nothing to search. Raises `CaptionIndexError` (one line) for a missing, damaged or foreign index.
+    """
+    from show_attend_tell.image_processing_show_attend_tell import image_files
+    from show_attend_tell.retrieval import CaptionRetriever, ImageGallery, IndexedRetriever
+
+    retriever = None
+    pictures: list[Path] = []
+    if examples is not None:
+        pictures = image_files(examples)
+        try:
+            retriever = CaptionRetriever(
+                captioner.model, captioner.processor, ImageGallery.from_folder(examples), cache_dir=cache_dir
+            )
+        except ValueError as error:  # no readable picture in the folder: caption still works
+            print(f"{PROG}: warning: search disabled: {error}", file=sys.stderr)
+        else:
+            # Only the pictures that could be read are offered as examples.
+            readable = {examples / image_id for image_id in retriever.features.ids}
+            pictures = [path for path in pictures if path in readable]
+    if index is not None:
+        retriever = IndexedRetriever(
+            captioner.model,
+            captioner.processor,
+            index,
+            gallery=retriever.gallery if retriever is not None else None,
+            features=retriever.features if retriever is not None else None,
+        )
+    return retriever, pictures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -248,8 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from show_attend_tell.device import pick_device
     from show_attend_tell.errors import one_line
     from show_attend_tell.hub import UnsafeWeightsError
-    from show_attend_tell.image_processing_show_attend_tell import image_files
-    from show_attend_tell.retrieval import CaptionRetriever, ImageGallery
     from show_attend_tell.serve import Captioner
 
     transformers_logging.set_verbosity_error()
@@ -268,39 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: cannot load the model: {one_line(error)}", file=sys.stderr)
         return 2
 
-    retriever = None
-    examples: list[Path] = []
-    if args.examples is not None:
-        examples = image_files(args.examples)
-        try:
-            retriever = CaptionRetriever(
-                captioner.model,
-                captioner.processor,
-                ImageGallery.from_folder(args.examples),
-                cache_dir=args.cache_dir,
-            )
-        except ValueError as error:  # no readable picture in the folder: caption still works
-            print(f"{PROG}: warning: search disabled: {error}", file=sys.stderr)
-        else:
-            # Only the pictures that could be read are offered as examples.
-            readable = {args.examples / image_id for image_id in retriever.features.ids}
-            examples = [path for path in examples if path in readable]
+    from show_attend_tell.caption_index import CaptionIndexError
 
-    if args.index is not None:
-        from show_attend_tell.caption_index import CaptionIndexError
-        from show_attend_tell.retrieval import IndexedRetriever
-
-        try:  # the examples' cached features, when they are indexed too, spare the encoder
-            retriever = IndexedRetriever(
-                captioner.model,
-                captioner.processor,
-                args.index,
-                gallery=retriever.gallery if retriever is not None else None,
-                features=retriever.features if retriever is not None else None,
-            )
-        except CaptionIndexError as error:
-            print(f"{PROG}: error: {error}", file=sys.stderr)
-            return 2
+    try:
+        retriever, examples = make_retriever(captioner, args.examples, args.index, args.cache_dir)
+    except CaptionIndexError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     demo = build_demo(captioner, retriever, examples)
     print(f"{PROG}: serving on http://{args.host}:{args.port}", flush=True)
     demo.launch(

@@ -44,6 +44,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 PROG = "search_images.py"
 INDEX_COMMANDS = ("build", "add", "remove")
@@ -112,9 +113,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def figure_path(base: Path, position: int) -> Path:
-    """FILE.png for the first query, FILE-2.png, FILE-3.png ... for the next ones."""
-    return base if position == 0 else base.with_name(f"{base.stem}-{position + 1}{base.suffix or '.png'}")
+def fail(message: object, command: str = "") -> int:
+    """The one-line error of a user's mistake (status 2)."""
+    print(
+        f"{PROG}{' ' + command if command else ''}: error: {' '.join(str(message).split())}", file=sys.stderr
+    )
+    return 2
+
+
+def open_gallery(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The gallery of --images or --dataset (None without them), and the dataset split for --recall."""
+    from show_attend_tell.retrieval import ImageGallery
+
+    if args.images is not None:
+        return ImageGallery.from_folder(args.images), None
+    if args.dataset is None:
+        return None, None
+    from show_attend_tell.data import load_caption_dataset
+
+    dataset = load_caption_dataset(
+        args.dataset, data_dir=args.data_dir, splits=[args.split], max_samples_per_split=args.max_images
+    )
+    split = next(iter(dataset.values()))
+    return ImageGallery.from_dataset(split), split
+
+
+def print_recall(args: argparse.Namespace, model: Any, processor: Any, split: Any) -> int:
+    from show_attend_tell.retrieval import retrieval_recall
+
+    metrics = retrieval_recall(
+        model,
+        processor,
+        split,
+        batch_size=args.batch_size,
+        encode_batch_size=args.encode_batch_size,
+        progress=not args.json,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for name, value in metrics.items():
+            print(f"{name}\t{value:.4f}" if isinstance(value, float) else f"{name}\t{value}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,27 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
-    from show_attend_tell.caption_index import CaptionIndexError
     from show_attend_tell.device import pick_device
     from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
-    from show_attend_tell.retrieval import (
-        CaptionRetriever,
-        ImageGallery,
-        IndexedRetriever,
-        encode_gallery,
-        retrieval_recall,
-        save_search_figure,
-    )
+    from show_attend_tell.image_search import open_retriever, search_rows
 
     # Loading messages would bury the results; our own warnings (skipped images) stay visible.
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     logging.basicConfig(format=f"{PROG}: warning: %(message)s", level=logging.WARNING)
-
-    def fail(message: str) -> int:
-        print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-        return 2
-
     try:
         device = pick_device(args.device)
     except ValueError as error:
@@ -155,109 +184,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
         return fail(f"cannot load the model: {error}")
-
-    cache = {"cache_dir": args.cache_dir, "use_cache": not args.no_cache}
-    gallery = split = None
     try:
-        if args.images is not None:
-            gallery = ImageGallery.from_folder(args.images)
-        elif args.dataset is not None:
-            from show_attend_tell.data import load_caption_dataset
-
-            dataset = load_caption_dataset(
-                args.dataset,
-                data_dir=args.data_dir,
-                splits=[args.split],
-                max_samples_per_split=args.max_images,
-            )
-            split = next(iter(dataset.values()))
-            gallery = ImageGallery.from_dataset(split)
-    except (OSError, ValueError) as error:
-        return fail(error)
-
-    if args.recall:
-        metrics = retrieval_recall(
+        gallery, split = open_gallery(args)
+        if args.recall:
+            return print_recall(args, model, processor, split)
+        retriever = open_retriever(
             model,
             processor,
-            split,
+            gallery=gallery,
+            index=args.index,
+            candidates=args.candidates,
             batch_size=args.batch_size,
             encode_batch_size=args.encode_batch_size,
-            progress=not args.json,
-            **cache,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
         )
-        if args.json:
-            print(json.dumps(metrics, indent=2))
-        else:
-            for name, value in metrics.items():
-                print(f"{name}\t{value:.4f}" if isinstance(value, float) else f"{name}\t{value}")
-        return 0
-
-    try:
-        if args.index is not None:
-            # With a gallery, its encoder features (cached on disk after the first time) serve the
-            # re-ranking; without one the encoder runs on each query's candidates.
-            features = None
-            if gallery is not None:
-                features = encode_gallery(
-                    model, processor, gallery, batch_size=args.encode_batch_size, **cache
-                )
-            retriever = IndexedRetriever(
-                model,
-                processor,
-                args.index,
-                gallery=gallery,
-                features=features,
-                candidates=args.candidates,
-                batch_size=args.batch_size,
-                encode_batch_size=args.encode_batch_size,
-            )
-        else:
-            retriever = CaptionRetriever(
-                model,
-                processor,
-                gallery,
-                batch_size=args.batch_size,
-                encode_batch_size=args.encode_batch_size,
-                **cache,
-            )
-    except ValueError as error:  # no readable image at all; a missing, damaged or foreign index
+    except (OSError, ValueError) as error:  # no readable image at all; a missing, damaged or foreign index
         return fail(error)
 
     results = []
-    for position, query in enumerate(args.queries):
-        try:
-            result = retriever.search(query, top_k=args.top_k, return_attention=args.figure is not None)
-        except (ValueError, CaptionIndexError) as error:
-            return fail(error)
-        if result.reason:
-            print(f"{PROG}: {query!r}: no results: {result.reason}", file=sys.stderr)
-        if result.unknown_words:
-            print(
-                f"{PROG}: warning: {query!r}: words the model does not know: {', '.join(result.unknown_words)}",
-                file=sys.stderr,
-            )
-        figure = None
-        if args.figure is not None:
-            # An index search carries its own gallery (the candidates); hit.index refers to it.
-            figure = save_search_figure(figure_path(args.figure, position), result, result.gallery or gallery)
-        results.append(
-            {
-                "query": query,
-                "unknown_words": result.unknown_words,
-                "figure": str(figure) if figure else None,
-                "hits": [
-                    {"rank": hit.rank, "score": hit.score, "image": hit.image_id}
-                    | ({"captions": list(hit.captions)} if hit.captions else {})
-                    for hit in result.hits
-                ],
-            }
-        )
-        if not args.json:
-            print(f"# {query}" + (f"  (figure: {figure})" if figure else ""))
-            for hit in result.hits:
-                print(f"{hit.rank}\t{hit.score:.4f}\t{hit.image_id}")
-        if args.index is not None:
-            results[-1].update(reason=result.reason, candidates=result.candidates)
+    try:
+        for result, row in search_rows(retriever, args.queries, top_k=args.top_k, figure=args.figure):
+            query = row["query"]
+            if result.reason:
+                print(f"{PROG}: {query!r}: no results: {result.reason}", file=sys.stderr)
+            if result.unknown_words:
+                print(
+                    f"{PROG}: warning: {query!r}: words the model does not know: {', '.join(result.unknown_words)}",
+                    file=sys.stderr,
+                )
+            if not args.json:
+                print(f"# {query}" + (f"  (figure: {row['figure']})" if row["figure"] else ""))
+                for hit in result.hits:
+                    print(f"{hit.rank}\t{hit.score:.4f}\t{hit.image_id}")
+            results.append(row)
+    except ValueError as error:  # CaptionIndexError too
+        return fail(error)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
@@ -349,44 +311,35 @@ def caption_arguments(args: argparse.Namespace, output: Path) -> list[str]:
     return argv
 
 
-def index_main(command: str, argv: Sequence[str]) -> int:
-    args = parse_index_args(command, argv)
-    from show_attend_tell.caption_index import (
-        META_FILE,
-        CaptionIndex,
-        CaptionIndexError,
-        pictures_from_caption_rows,
-    )
+def remove_main(args: argparse.Namespace) -> int:
+    from show_attend_tell.caption_index import CaptionIndex, CaptionIndexError
 
-    def fail(message: object) -> int:
-        print(f"{PROG} {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
-        return 2
+    ids = list(args.ids)
+    try:
+        if args.list:
+            with open(args.list, encoding="utf-8") as file:
+                ids.extend(line.strip() for line in file if line.strip())
+        index = CaptionIndex.open(args.index)
+        removed = index.remove(ids)
+        left = len(index)
+    except (OSError, CaptionIndexError) as error:
+        return fail(error, "remove")
+    print(f"{PROG} remove: {removed} of {len(set(ids))} pictures removed, {left} left", file=sys.stderr)
+    return 0 if removed == len(set(ids)) else 1
 
-    if command == "remove":
-        ids = list(args.ids)
-        try:
-            if args.list:
-                with open(args.list, encoding="utf-8") as file:
-                    ids.extend(line.strip() for line in file if line.strip())
-            index = CaptionIndex.open(args.index)
-            removed = index.remove(ids)
-            left = len(index)
-        except (OSError, CaptionIndexError) as error:
-            return fail(error)
-        print(f"{PROG} remove: {removed} of {len(set(ids))} pictures removed, {left} left", file=sys.stderr)
-        return 0 if removed == len(set(ids)) else 1
 
+def open_index(command: str, args: argparse.Namespace, is_main: bool) -> Any:
+    """
+    The index to build or extend, checked against the model and generation settings (in every process of an
+    `accelerate launch` run, so that all of them stop together on a refusal); only the main process creates
+    it (None in the others until then). Raises OSError/ValueError (CaptionIndexError) with one-line messages.
+    """
     import torch
-    from transformers.utils import logging as transformers_logging
 
+    from show_attend_tell.caption_index import META_FILE, CaptionIndex
     from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
     from show_attend_tell.retrieval import index_model_record
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    # Every process of an `accelerate launch` run checks the index, so that all of them stop together on a
-    # refusal; only the first (RANK 0) creates and writes it.
-    is_main = os.environ.get("RANK", "0") == "0"
     try:
         model, processor = load_model_and_processor(
             args.model, device="cpu", dtype=getattr(torch, args.dtype)
@@ -399,30 +352,41 @@ def index_main(command: str, argv: Sequence[str]) -> int:
             max_new_tokens=args.max_new_tokens,
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
-        return fail(f"cannot load the model: {error}")
-    del model
+        raise ValueError(f"cannot load the model: {error}") from None
+    if command == "add" or (args.index / META_FILE).exists():
+        return CaptionIndex.open(args.index, record)
+    return CaptionIndex.create(args.index, record) if is_main else None
+
+
+def index_main(command: str, argv: Sequence[str]) -> int:
+    args = parse_index_args(command, argv)
+    if command == "remove":
+        return remove_main(args)
+    from transformers.utils import logging as transformers_logging
+
+    from show_attend_tell.caption_index import CaptionIndexError, pictures_from_caption_rows
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    is_main = os.environ.get("RANK", "0") == "0"
     try:
-        if command == "add" or (args.index / META_FILE).exists():
-            index = CaptionIndex.open(args.index, record)  # refuses another model, in every process
-        elif is_main:
-            index = CaptionIndex.create(args.index, record)
-        else:
-            index = None  # the main process creates it
-    except CaptionIndexError as error:
-        return fail(error)
+        index = open_index(command, args, is_main)
+    except (OSError, ValueError) as error:
+        return fail(error, command)
 
     # The captions of this run go to a file in the index folder: caption.py resumes from it (and from the
     # parts of a killed run), and it is removed only once its pictures are committed to the index.
     pending = args.index / "pending.jsonl"
     caption = _caption_script()
     caption_argv = caption_arguments(args, pending)
+    listed = None
     if not args.dataset:
         # Pictures already in the index are not captioned again (a finished build run again, or `add` of a
         # folder that grew): the rest go to caption.py as a list. Dataset rows are always captioned.
         try:
             keys = caption.collect_inputs(caption.parse_args(caption_argv)).keys
         except OSError as error:
-            return fail(error)
+            return fail(error, command)
         # No index yet in this process: the main process is creating it, empty.
         new = keys if index is None else [key for key in keys if key not in index]
         if len(new) < len(keys) and is_main:
@@ -436,7 +400,7 @@ def index_main(command: str, argv: Sequence[str]) -> int:
             argparse.Namespace(**{**vars(args), "images": [], "list": str(listed)}), pending
         )
     status = caption.main(caption_argv)
-    if not args.dataset:
+    if listed is not None:
         listed.unlink(missing_ok=True)
     if status == 2 or not is_main:
         return status
@@ -444,7 +408,7 @@ def index_main(command: str, argv: Sequence[str]) -> int:
         added = index.add(pictures_from_caption_rows(pending)) if pending.is_file() else 0
         total = len(index)
     except (OSError, CaptionIndexError) as error:
-        return fail(error)
+        return fail(error, command)
     pending.unlink(missing_ok=True)
     print(f"{PROG} {command}: {added} pictures indexed, {total} in {args.index}", file=sys.stderr)
     return status

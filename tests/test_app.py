@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 from PIL import Image
 from serve_tiny_model import save_example_images, save_tiny_model, trained_tiny_captioner
 
@@ -58,6 +59,46 @@ def test_app_refuses_a_missing_model_folder(tmp_path):
     )
     assert done.returncode == 2
     assert "not a folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_search_tab_searches_a_caption_index(tmp_path):
+    """The Search tab's handler over `app.py --index` (and --examples): the IndexedRetriever's hits, in order."""
+    pytest.importorskip("tantivy")
+    from show_attend_tell.caption_index import CaptionIndexError
+    from show_attend_tell.retrieval import IndexedRetriever
+    from show_attend_tell.serve import Captioner
+
+    app = load_script("app")
+    tiny = trained_tiny_captioner()
+    model_dir = save_tiny_model(tmp_path / "model")
+    examples = tmp_path / "examples"
+    save_example_images(examples, count=8)
+    index = tmp_path / "examples.index"
+    build = ["build", "--model", str(model_dir), "--index", str(index), str(examples), "--no-progress"]
+    assert load_script("search_images").main([*build, "--num-beams", "3", "--num-return-sequences", "3"]) == 0
+    captioner = Captioner(tiny.model, tiny.processor)
+
+    for folder in (None, examples):  # the index alone, and with the examples' cached features
+        retriever, offered = app.make_retriever(captioner, folder, index, tmp_path / "cache")
+        assert isinstance(retriever, IndexedRetriever) and len(offered) == (8 if folder else 0)
+        expected = IndexedRetriever(tiny.model, tiny.processor, index)
+        for query in ("a large green star", "a small red circle above a blue square"):
+            pictures, figure, warning = app.search_pictures(retriever, query, 3)
+            hits = expected.search(query, top_k=3).hits
+            assert warning is None and len(pictures) == len(hits) > 0
+            for (picture, label), hit in zip(pictures, hits, strict=True):
+                assert label == f"#{hit.rank} {hit.image_id} ({hit.score:.2f})"
+                with Image.open(hit.image_id) as original:
+                    assert picture.size == original.size
+            assert len(figure.axes) >= len(hits)
+    pictures, _, warning = app.search_pictures(retriever, "the of a", 3)
+    assert pictures == [] and "only common words" in warning
+    with pytest.raises(ValueError, match="Type a sentence"):
+        app.search_pictures(retriever, "  ", 3)
+    with pytest.raises(ValueError, match="Nothing to search"):
+        app.search_pictures(None, "a star", 3)
+    with pytest.raises(CaptionIndexError, match="no caption index"):
+        app.make_retriever(captioner, None, tmp_path / "missing.index")
 
 
 def free_port() -> int:
