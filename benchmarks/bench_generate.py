@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -334,6 +335,11 @@ def _setting(owner, name: str, value):
         setattr(owner, name, old)
 
 
+def _attention_scores_into_fresh_memory(attention_scores_into, scratch, *args):
+    """`attention_scores_into` given no buffer to reuse: the intermediate is allocated at every step."""
+    return attention_scores_into(None, *args)
+
+
 def fast_path_pieces(
     model, device: torch.device, compiled: bool = True
 ) -> dict[str, tuple[str, contextlib.AbstractContextManager]]:
@@ -351,6 +357,14 @@ def fast_path_pieces(
         "prepacked bf16 weights": (
             "oneDNN-prepacked weights (CPU, bf16)",
             lambda: _setting(fast_decoding, "PACKED_BF16_PRODUCTS", False),
+        ),
+        "attention scores in a reused buffer": (
+            "fresh memory for the (rows, num_pixels, attention_dim) intermediate at every step",
+            lambda: _setting(
+                fast_decoding,
+                "attention_scores_into",
+                functools.partial(_attention_scores_into_fresh_memory, fast_decoding.attention_scores_into),
+            ),
         ),
         "identical rows computed once": (
             "every beam at the first step",

@@ -63,6 +63,7 @@ def test_bench_generate_measures_each_piece_of_the_fast_path_with_and_without_it
     expected = {
         "fast path (all of it)",
         "prepacked bf16 weights",
+        "attention scores in a reused buffer",
         "identical rows computed once",
         "float32 logits of the likeliest words",
     }
