@@ -7,11 +7,11 @@ starts, i.e. after that many batches were captioned and written: a crash at a kn
 test hook in the tool itself.
 """
 
-import importlib.util
 import os
 import signal
 import sys
-from pathlib import Path
+
+from conftest import load_script  # this file's folder (tests/) is first on sys.path
 
 from show_attend_tell.modeling_show_attend_tell import ShowAttendTellForConditionalGeneration
 
@@ -29,9 +29,4 @@ def generate_then_die(self, *args, **kwargs):
 
 
 ShowAttendTellForConditionalGeneration.generate = generate_then_die
-script = Path(__file__).resolve().parent.parent / "scripts" / "caption.py"
-spec = importlib.util.spec_from_file_location("caption_script", script)
-module = importlib.util.module_from_spec(spec)
-sys.modules["caption_script"] = module  # dataclasses look their module up while the file executes
-spec.loader.exec_module(module)
-sys.exit(module.main(sys.argv[2:]))
+sys.exit(load_script("caption").main(sys.argv[2:]))

@@ -1,4 +1,5 @@
-"""Run as a script: scripts/train.py in this process, killed with SIGKILL while it replaces its model folder.
+"""Run as a script: training (the package's `train`, what scripts/train.py runs) in this process, killed with
+SIGKILL while it replaces its model folder.
 
 Usage: python replace_kill_helper.py exchange|two-renames TRAIN_ARGS...
 
@@ -8,13 +9,13 @@ two-renames: the exchange is made unavailable (as on Windows or NFS), so the old
     first; the process dies right after that rename, before the new folder is renamed into place.
 """
 
-import importlib.util
 import os
 import signal
 import sys
 from pathlib import Path
 
 import show_attend_tell.saving as saving
+from show_attend_tell.training import build_parser, check_args, train
 
 mode = sys.argv[1]
 
@@ -45,8 +46,6 @@ elif mode == "two-renames":
 else:
     raise SystemExit(f"unknown mode {mode!r}")
 
-script = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
-spec = importlib.util.spec_from_file_location("train_script", script)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-sys.exit(module.main(sys.argv[2:]))
+args = build_parser().parse_args(sys.argv[2:])
+check_args(args)
+train(args)

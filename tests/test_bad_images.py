@@ -6,13 +6,11 @@ the caption tool goes on with the other files and exits non-zero at the end.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import pickle
 import re
 import struct
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -34,8 +33,6 @@ from show_attend_tell.image_processing_show_attend_tell import (
     load_image,
 )
 from show_attend_tell.saving import save_model_folder
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "caption.py"
 
 # file name -> None when it must work, or a fragment of the one-line reason when it must be refused
 EXPECTED: dict[str, str | None] = {
@@ -296,10 +293,7 @@ def test_pipeline_captions_the_odd_files_and_names_the_bad_ones(tmp_path, tiny_m
 def test_caption_tool_goes_on_past_bad_files_and_exits_non_zero(
     tmp_path, tiny_model, processor, bad_images, capsys
 ):
-    spec = importlib.util.spec_from_file_location("caption_script", SCRIPT)
-    caption = importlib.util.module_from_spec(spec)
-    sys.modules["caption_script"] = caption
-    spec.loader.exec_module(caption)
+    caption = load_script("caption")
     folder = save_model_folder(tmp_path / "model", tiny_model, processor)
     output = tmp_path / "captions.jsonl"
     files = [str(bad_images[name]) for name in sorted(EXPECTED)]

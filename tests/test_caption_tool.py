@@ -3,7 +3,6 @@ kill, bounded memory."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from show_attend_tell import caption_files
@@ -23,10 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "caption.py"
 KILL_HELPER = Path(__file__).resolve().parent / "caption_kill_helper.py"
 
-_spec = importlib.util.spec_from_file_location("caption_script", SCRIPT)
-caption = importlib.util.module_from_spec(_spec)
-sys.modules["caption_script"] = caption  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(caption)
+caption = load_script("caption")
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int] = (48, 40), seed: int = 0) -> list[Path]:

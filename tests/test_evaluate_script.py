@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import io
 import json
 import os
@@ -16,7 +15,7 @@ import datasets
 import pytest
 import torch
 import yaml
-from conftest import write_flickr30k_hub_folder
+from conftest import load_script, write_flickr30k_hub_folder
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
@@ -29,9 +28,7 @@ from show_attend_tell.saving import save_model_folder
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "evaluate_captions.py"
 
-_spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-evaluate_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_script)
+evaluate_script = load_script("evaluate_captions")
 
 NUM_IMAGES = 7  # not a multiple of the batch size below, so the last batch is partial
 

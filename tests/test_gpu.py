@@ -8,14 +8,13 @@ machine together with the benchmarks.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import bf16_and_float32_logits, sharpened_tiny_model, unit_features
+from conftest import bf16_and_float32_logits, load_script, sharpened_tiny_model, unit_features
 from transformers.modeling_outputs import BaseModelOutput
 
 from show_attend_tell import ShowAttendTellForConditionalGeneration
@@ -26,7 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
 # A tiny run of 40 synthetic pictures, 10 steps per epoch, in bf16 mixed precision.
 TRAIN_OPTIONS = (
     "--dataset synthetic --dataset-option num_train=40 --dataset-option num_validation=8 "
@@ -222,9 +220,7 @@ def test_training_gradients_on_the_gpu_equal_the_cpu(model_pair):
 
 def test_bf16_training_run_on_the_gpu(tmp_path: Path):
     """scripts/train.py with Accelerate's bf16 mixed precision on the GPU: the loss falls, the model loads."""
-    spec = importlib.util.spec_from_file_location("train_script_on_gpu", ROOT / "scripts" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_script("train")
     options = TRAIN_OPTIONS.split()
     output = tmp_path / "run"
     data = tmp_path / "data"

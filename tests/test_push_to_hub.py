@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 import transformers
 import transformers.utils.hub as transformers_hub
+from conftest import load_script
 from huggingface_hub import ModelCard
 from transformers import AutoModel, pipeline
 
@@ -34,10 +33,7 @@ SCORES = {  # compute_caption_metrics' scores (fractions) of two beam sizes
     },
 }
 
-_spec = importlib.util.spec_from_file_location("push_to_hub_script", REPO / "scripts" / "push_to_hub.py")
-push_script = importlib.util.module_from_spec(_spec)
-sys.modules["push_to_hub_script"] = push_script
-_spec.loader.exec_module(push_script)
+push_script = load_script("push_to_hub")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -285,19 +286,6 @@ def test_search_images_script(tiny, gallery_folder, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def search_images_script():
-    """scripts/search_images.py as a module, so that its build runs in this process (no second torch import)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "search_images_script", REPO / "scripts" / "search_images.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model") / "model")
@@ -318,7 +306,7 @@ def built_index(request, model_folder, gallery_folder, tmp_path_factory) -> tupl
         "--batch-size",
         "5",
     ]
-    assert search_images_script().main(argv) == 0
+    assert load_script("search_images").main(argv) == 0
     return index, beams
 
 
