@@ -69,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device",
         default="auto",
-        help="auto (default: CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps",
+        help="auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps (default: auto)",
     )
     parser.add_argument(
         "--trust-remote-code",

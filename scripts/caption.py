@@ -55,7 +55,12 @@ from show_attend_tell.caption_files import (
     print_rows,
 )
 from show_attend_tell.errors import one_line
-from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor, set_decoding_options
+from show_attend_tell.hub import (
+    UnsafeWeightsError,
+    add_trust_remote_code_argument,
+    load_model_and_processor,
+    set_decoding_options,
+)
 
 PROG = "caption.py"
 HELP_EPILOG = r"""
@@ -83,12 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("images", nargs="*", help="image files, folders (scanned recursively), globs or URLs")
     parser.add_argument("--model", required=True, help="model folder or Hub repository id")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
-        "only for folders you trust (default: never)",
-    )
+    add_trust_remote_code_argument(parser)
     parser.add_argument("--list", help="a text file with one image path or URL per line (# starts a comment)")
     parser.add_argument("--dataset", help="caption a dataset instead: a load_caption_dataset source")
     parser.add_argument("--split", default="test", help="the dataset split (default: test)")

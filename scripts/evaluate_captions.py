@@ -38,7 +38,9 @@ from pathlib import Path
 
 from show_attend_tell import evaluation
 from show_attend_tell.data import add_dataset_option_argument, parse_dataset_options
+from show_attend_tell.device import add_device_argument
 from show_attend_tell.evaluation import EvaluationError
+from show_attend_tell.hub import add_trust_remote_code_argument
 from show_attend_tell.metrics import DEFAULT_METRICS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,12 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(or a JSON array of such objects, the coco-caption results format)",
     )
 
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
-        "only for folders you trust (default: never)",
-    )
+    add_trust_remote_code_argument(parser)
     parser.add_argument(
         "--predictions-entry",
         metavar="LABEL",
@@ -110,9 +107,7 @@ def _add_captioning_options(decoding: argparse._ArgumentGroup) -> None:
         default=min(4, os.cpu_count() or 1),
         help="DataLoader processes that read the images (default %(default)s)",
     )
-    decoding.add_argument(
-        "--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:1, ..."
-    )
+    add_device_argument(decoding)
     decoding.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
     decoding.add_argument(
         "--fuse-attention",

@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device",
         default="auto",
-        help="auto (default: CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps",
+        help="auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps (default: auto)",
     )
     args = parser.parse_args(argv)
     if args.index is None and args.images is None and args.dataset is None:
@@ -113,11 +113,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fail(message: object, command: str = "") -> int:
-    """The one-line error of a user's mistake (status 2)."""
-    print(
-        f"{PROG}{' ' + command if command else ''}: error: {' '.join(str(message).split())}", file=sys.stderr
-    )
+def fail(message: str | BaseException, command: str = "") -> int:
+    """The one-line error of a user's mistake (status 2): `message`, or an exception's in one line."""
+    from show_attend_tell.errors import one_line  # the package (torch) is loaded by then: no parse-time cost
+
+    text = one_line(message) if isinstance(message, BaseException) else message
+    print(f"{PROG}{' ' + command if command else ''}: error: {text}", file=sys.stderr)
     return 2
 
 
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     from show_attend_tell.device import pick_device
+    from show_attend_tell.errors import one_line
     from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
     from show_attend_tell.image_search import open_retriever, search_rows
 
@@ -183,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, device=device, trust_remote_code=args.trust_remote_code
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
-        return fail(f"cannot load the model: {error}")
+        return fail(f"cannot load the model: {one_line(error)}")
     try:
         gallery, split = open_gallery(args)
         if args.recall:

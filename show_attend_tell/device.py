@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 #: What `--device` accepts, for help texts and error messages.
 DEVICE_CHOICES = "auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps"
+#: `--device`'s help in every command line. search_images.py and app.py write it out to answer --help without
+#: importing torch; tests/test_device.py checks that every script's --help says it.
+DEVICE_HELP = f"{DEVICE_CHOICES} (default: auto)"
+
+
+def add_device_argument(parser: argparse._ActionsContainer) -> None:
+    """Declares `--device` on a parser or argument group; :func:`pick_device` reads what it holds."""
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
@@ -38,4 +48,4 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
     return device
 
 
-__all__ = ["DEVICE_CHOICES", "pick_device"]
+__all__ = ["DEVICE_CHOICES", "DEVICE_HELP", "add_device_argument", "pick_device"]

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -349,6 +350,19 @@ def _folder_classes(folder: Path) -> tuple[Any, tuple[Any, Any, Any]]:
         from_folder("preprocessor_config.json", "AutoImageProcessor", ShowAttendTellImageProcessor),
         from_folder("tokenizer_config.json", "AutoTokenizer", ShowAttendTellTokenizer),
     )
+
+
+#: `--trust-remote-code`'s help in every command line that loads a model (search_images.py and app.py write it
+#: out to answer --help without importing torch; tests/test_device.py checks that every script's --help says it).
+TRUST_REMOTE_CODE_HELP = (
+    "run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: only for "
+    "folders you trust (default: never)"
+)
+
+
+def add_trust_remote_code_argument(parser: argparse._ActionsContainer) -> None:
+    """Declares `--trust-remote-code` on a parser or argument group, for `load_model_and_processor`."""
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
 
 
 def load_model_and_processor(
@@ -991,8 +1005,10 @@ def upload_folder(
 __all__ = [
     "EXAMPLE_FIGURE_NAME",
     "PAPER_FLICKR30K_SOFT_ATTENTION",
+    "TRUST_REMOTE_CODE_HELP",
     "ModelLoadError",
     "UnsafeWeightsError",
+    "add_trust_remote_code_argument",
     "assemble_repository",
     "attention_figure_png",
     "check_folder_loads",

@@ -66,7 +66,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import captioning
-from .device import pick_device
+from .device import add_device_argument, pick_device
 from .errors import one_line
 from .image_processing_show_attend_tell import describe_image_error, to_rgb
 
@@ -879,23 +879,16 @@ def add_search_route(app: FastAPI, retriever: Any, *, max_top_k: int = DEFAULT_M
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from .hub import add_trust_remote_code_argument
+
     parser = argparse.ArgumentParser(
         prog="python -m show_attend_tell.serve", description="Serve a captioning model over HTTP."
     )
     parser.add_argument("--model", required=True, help="model folder (safetensors weights)")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
-        "only for folders you trust (default: never)",
-    )
+    add_trust_remote_code_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto (default: CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N or mps",
-    )
+    add_device_argument(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument(
         "--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="requests per batch"

@@ -92,3 +92,23 @@ def test_on_a_gpu_machine_auto_is_cuda() -> None:
     assert pick_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
     with pytest.raises(ValueError, match=f"this machine has {count} CUDA device"):
         pick_device(f"cuda:{count}")
+
+
+def test_every_command_line_describes_device_and_remote_code_alike(capsys) -> None:
+    """One meaning of --device and --trust-remote-code, however a script declares them (search_images.py and
+    app.py write the texts out, to answer --help without importing torch)."""
+    from show_attend_tell import serve
+    from show_attend_tell.device import DEVICE_HELP
+    from show_attend_tell.hub import TRUST_REMOTE_CODE_HELP
+
+    parsers = {
+        name: load_script(name).parse_args
+        for name in ("caption", "evaluate_captions", "search_images", "app")
+    }
+    parsers["serve"] = serve.parse_args
+    for name, parse_args in parsers.items():
+        with pytest.raises(SystemExit):
+            parse_args(["--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help to the terminal's width
+        assert TRUST_REMOTE_CODE_HELP in text, name
+        assert (DEVICE_HELP in text) == (name != "caption"), name  # caption.py's device is Accelerate's
