@@ -53,6 +53,7 @@ from show_attend_tell.caption_files import (
     caption_to_jsonl,
     dataset_inputs,
     print_rows,
+    start_accelerator,
 )
 from show_attend_tell.errors import one_line
 from show_attend_tell.hub import (
@@ -144,18 +145,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _cpu_only_multiprocess() -> bool:
-    """
-    True when a launcher started several processes (`accelerate launch --multi_gpu`, `torchrun`) on a
-    machine without a GPU. Accelerate then needs `cpu=True` to join them (gloo); without it every process
-    would think it is alone and caption everything. (`accelerate launch --cpu --num_processes N` without
-    an MPI host file starts a single process, so it cannot be used for this.)
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    flagged = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return flagged or (world_size > 1 and not torch.cuda.is_available())
-
-
 def collect_inputs(args: argparse.Namespace) -> Inputs:
     """All images the command line names, in order, each once (folders and globs that find none are reported)."""
     if args.dataset:
@@ -183,21 +172,6 @@ def generation_options(args: argparse.Namespace, model: Any) -> dict[str, Any]:
             )
         options["num_return_sequences"] = args.num_return_sequences
     return options
-
-
-def start_accelerator() -> Any:
-    """An Accelerator for however the command was launched; CPU processes share the cores instead of fighting."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=_cpu_only_multiprocess())
-    if (
-        accelerator.device.type == "cpu"
-        and accelerator.num_processes > 1
-        and "OMP_NUM_THREADS" not in os.environ
-    ):
-        # Several processes each using every core slow one another down many times over.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-    return accelerator
 
 
 @contextlib.contextmanager

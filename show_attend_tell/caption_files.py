@@ -57,6 +57,7 @@ __all__ = [
     "merge_rows",
     "parts_dir",
     "print_rows",
+    "start_accelerator",
     "to_display_image",
 ]
 
@@ -416,6 +417,36 @@ def _caption_part(
             part.write("".join(json_line(row) + "\n" for row in rows))
             part.flush()
             bar.update(min(len(rows) * processes, bar.total - bar.n))
+
+
+def _cpu_only_multiprocess() -> bool:
+    """
+    True when a launcher started several processes (`accelerate launch --multi_gpu`, `torchrun`) on a
+    machine without a GPU. Accelerate then needs `cpu=True` to join them (gloo); without it every process
+    would think it is alone and caption everything. (`accelerate launch --cpu --num_processes N` without
+    an MPI host file starts a single process, so it cannot be used for this.)
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    flagged = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flagged or (world_size > 1 and not torch.cuda.is_available())
+
+
+def start_accelerator() -> Any:
+    """
+    An Accelerator for however the command was launched (`python` or `accelerate launch`), to give
+    `caption_to_jsonl` as its `state`; CPU processes share the cores instead of fighting over them.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=_cpu_only_multiprocess())
+    if (
+        accelerator.device.type == "cpu"
+        and accelerator.num_processes > 1
+        and "OMP_NUM_THREADS" not in os.environ
+    ):
+        # Several processes each using every core slow one another down many times over.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    return accelerator
 
 
 def caption_to_jsonl(
