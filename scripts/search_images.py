@@ -30,17 +30,17 @@ query re-ranks only the index's best candidates with the model:
 
 `build` and `add` take the inputs of scripts/caption.py (files, folders, globs, URLs, `--list`, `--dataset`)
 and run its captioning (split between processes under `accelerate launch`; a killed run continues where it
-stopped when the same command is run again). The index records the model and generation settings and
-refuses another model. A query that cannot match (no words, only unknown or common words) prints its reason.
+stopped when the same command is run again); pictures already indexed are not captioned again. The index
+records the model and generation settings and refuses another model. A query that cannot match (no words,
+only unknown or common words) prints its reason. From Python: `show_attend_tell.image_search` (`build_index`,
+`open_retriever`, `search_rows`).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -270,6 +270,10 @@ def parse_index_args(command: str, argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if not args.images and not args.list and not args.dataset:
         parser.error("give images, folders or globs, --list FILE, or --dataset SOURCE")
+    if args.dataset and (args.images or args.list):
+        parser.error("--dataset cannot be combined with image paths or --list")
+    if args.num_workers < 0:
+        parser.error("--num-workers must be 0 or more")
     for name in ("num_beams", "num_return_sequences", "max_new_tokens", "batch_size", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -277,40 +281,6 @@ def parse_index_args(command: str, argv: Sequence[str]) -> argparse.Namespace:
     if args.num_return_sequences > args.num_beams:
         parser.error("--num-return-sequences cannot exceed --num-beams")
     return args
-
-
-def _caption_script():
-    """scripts/caption.py as a module: the index is built by the same captioning run as `caption.py --output`."""
-    spec = importlib.util.spec_from_file_location(
-        "show_attend_tell_caption_script", Path(__file__).with_name("caption.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def caption_arguments(args: argparse.Namespace, output: Path) -> list[str]:
-    """The scripts/caption.py command line that captions this build's pictures into `output`."""
-    argv = [*args.images, "--model", args.model, "--output", str(output)]
-    argv += ["--num-beams", str(args.num_beams), "--num-return-sequences", str(args.num_return_sequences)]
-    argv += [
-        "--batch-size",
-        str(args.batch_size),
-        "--num-workers",
-        str(args.num_workers),
-        "--dtype",
-        args.dtype,
-    ]
-    for name in ("list", "dataset", "data_dir", "limit", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
-    if args.dataset:
-        argv += ["--split", args.split]
-    if args.no_progress:
-        argv.append("--no-progress")
-    return argv
 
 
 def remove_main(args: argparse.Namespace) -> int:
@@ -330,90 +300,76 @@ def remove_main(args: argparse.Namespace) -> int:
     return 0 if removed == len(set(ids)) else 1
 
 
-def open_index(command: str, args: argparse.Namespace, is_main: bool) -> Any:
-    """
-    The index to build or extend, checked against the model and generation settings (in every process of an
-    `accelerate launch` run, so that all of them stop together on a refusal); only the main process creates
-    it (None in the others until then). Raises OSError/ValueError (CaptionIndexError) with one-line messages.
-    """
+def index_inputs(args: argparse.Namespace, is_main: bool) -> Any:
+    """The pictures that `build`/`add` name: a dataset split, or files, folders, globs, URLs and --list."""
+    from show_attend_tell.caption_files import collect_inputs, dataset_inputs
+
+    if args.dataset:
+        return dataset_inputs(args.dataset, args.split, data_dir=args.data_dir, limit=args.limit)
+
+    def warn(message: str) -> None:
+        if is_main:  # every process collects the same inputs: one warning is enough
+            print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    return collect_inputs(args.images, list_file=args.list, limit=args.limit, warn=warn)
+
+
+def build_main(command: str, args: argparse.Namespace) -> int:
+    """`build` and `add`: show_attend_tell.image_search.build_index on the processes `accelerate launch` started."""
     import torch
+    from transformers.utils import logging as transformers_logging
 
-    from show_attend_tell.caption_index import META_FILE, CaptionIndex
+    from show_attend_tell.caption_files import start_accelerator
+    from show_attend_tell.errors import one_line
     from show_attend_tell.hub import UnsafeWeightsError, load_model_and_processor
-    from show_attend_tell.retrieval import index_model_record
+    from show_attend_tell.image_search import build_index
 
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    accelerator = start_accelerator()
+    is_main = accelerator.is_main_process
     try:
         model, processor = load_model_and_processor(
-            args.model, device="cpu", dtype=getattr(torch, args.dtype)
+            args.model, device=accelerator.device, dtype=getattr(torch, args.dtype)
         )
-        record = index_model_record(
+    except (OSError, UnsafeWeightsError, ValueError) as error:
+        return fail(f"cannot load the model: {one_line(error)}", command) if is_main else 2
+    try:
+        inputs = index_inputs(args, is_main)
+        built = build_index(
             model,
             processor,
+            args.index,
+            inputs,
+            create=command == "build",
+            state=accelerator,
             num_beams=args.num_beams,
             num_return_sequences=args.num_return_sequences,
             max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            autocast=accelerator.autocast,
+            progress=not args.no_progress,
+            label=f"{PROG} {command}: ",
         )
-    except (OSError, UnsafeWeightsError, ValueError) as error:
-        raise ValueError(f"cannot load the model: {error}") from None
-    if command == "add" or (args.index / META_FILE).exists():
-        return CaptionIndex.open(args.index, record)
-    return CaptionIndex.create(args.index, record) if is_main else None
+    except (OSError, ValueError, ImportError) as error:
+        # A refused, damaged or missing index, an unreadable --list, a dataset that cannot be loaded (or no
+        # `datasets` installed): one line, status 2.
+        return fail(error, command) if is_main else 2
+    accelerator.end_training()
+    if not is_main:
+        return 0
+    failed = f", {built.failed} could not be read" if built.failed else ""
+    print(
+        f"{PROG} {command}: {built.added} pictures indexed, {built.total} in {args.index}{failed}",
+        file=sys.stderr,
+    )
+    return 1 if built.failed else 0
 
 
 def index_main(command: str, argv: Sequence[str]) -> int:
     args = parse_index_args(command, argv)
-    if command == "remove":
-        return remove_main(args)
-    from transformers.utils import logging as transformers_logging
-
-    from show_attend_tell.caption_index import CaptionIndexError, pictures_from_caption_rows
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    is_main = os.environ.get("RANK", "0") == "0"
-    try:
-        index = open_index(command, args, is_main)
-    except (OSError, ValueError) as error:
-        return fail(error, command)
-
-    # The captions of this run go to a file in the index folder: caption.py resumes from it (and from the
-    # parts of a killed run), and it is removed only once its pictures are committed to the index.
-    pending = args.index / "pending.jsonl"
-    caption = _caption_script()
-    caption_argv = caption_arguments(args, pending)
-    listed = None
-    if not args.dataset:
-        # Pictures already in the index are not captioned again (a finished build run again, or `add` of a
-        # folder that grew): the rest go to caption.py as a list. Dataset rows are always captioned.
-        try:
-            keys = caption.collect_inputs(caption.parse_args(caption_argv)).keys
-        except OSError as error:
-            return fail(error, command)
-        # No index yet in this process: the main process is creating it, empty.
-        new = keys if index is None else [key for key in keys if key not in index]
-        if len(new) < len(keys) and is_main:
-            print(f"{PROG} {command}: {len(keys) - len(new)} pictures already indexed", file=sys.stderr)
-        if not new and not pending.is_file():
-            return 0
-        listed = args.index / f"pending-{os.environ.get('RANK', '0')}.list"
-        # surrogateescape: file names that are not UTF-8 go through byte for byte, as caption.py reads them
-        listed.write_text("".join(f"{key}\n" for key in new), encoding="utf-8", errors="surrogateescape")
-        caption_argv = caption_arguments(
-            argparse.Namespace(**{**vars(args), "images": [], "list": str(listed)}), pending
-        )
-    status = caption.main(caption_argv)
-    if listed is not None:
-        listed.unlink(missing_ok=True)
-    if status == 2 or not is_main:
-        return status
-    try:
-        added = index.add(pictures_from_caption_rows(pending)) if pending.is_file() else 0
-        total = len(index)
-    except (OSError, CaptionIndexError) as error:
-        return fail(error, command)
-    pending.unlink(missing_ok=True)
-    print(f"{PROG} {command}: {added} pictures indexed, {total} in {args.index}", file=sys.stderr)
-    return status
+    return remove_main(args) if command == "remove" else build_main(command, args)
 
 
 if __name__ == "__main__":

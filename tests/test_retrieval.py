@@ -533,6 +533,150 @@ def test_search_images_index_commands(model_folder, gallery_folder, tmp_path):
         assert len(answer.stderr.strip().splitlines()) == 1
 
 
+def test_build_index_from_python_searches_like_the_script(
+    model_folder, built_index, gallery_folder, tmp_path, capsys
+):
+    """image_search.build_index, then adding to it: the same index as `search_images.py build`, the same search."""
+    from show_attend_tell.caption_index import CaptionIndex
+    from show_attend_tell.hub import load_model_and_processor
+    from show_attend_tell.image_search import build_index, open_retriever, search_rows
+
+    script_index, beams = built_index
+    model, processor = load_model_and_processor(model_folder, device="cpu")
+    pictures = sorted(gallery_folder.glob("*.png"))
+    index = tmp_path / "python.index"
+    settings = {"num_beams": beams, "num_return_sequences": beams, "batch_size": 5, "progress": False}
+    first = build_index(model, processor, index, pictures[:5], **settings)
+    assert (first.added, first.total, first.already_indexed, first.failed) == (5, 5, 0, 0)
+    grown = build_index(model, processor, index, [gallery_folder], create=False, **settings)
+    assert (grown.added, grown.total, grown.already_indexed, grown.failed) == (7, 12, 5, 0)
+    assert not (index / "pending.jsonl").exists()
+
+    def pictures_of(path: Path) -> dict[str, tuple[str, ...]]:
+        return {picture.image_id: picture.captions for picture in CaptionIndex.open(path).pictures()}
+
+    assert pictures_of(index) == pictures_of(script_index)
+    queries = ["a large green star", "a small red circle above a blue square", "the"]
+    capsys.readouterr()
+    argv = ["--model", str(model_folder), "--index", str(script_index), "--json", "--top-k", "4", *queries]
+    assert load_script("search_images").main(argv) == 0
+    by_script = json.loads(capsys.readouterr().out)
+    by_python = [
+        row for _, row in search_rows(open_retriever(model, processor, index=index), queries, top_k=4)
+    ]
+    assert by_python == by_script and len(by_script[0]["hits"]) == 4
+
+
+def test_a_killed_build_from_python_commits_its_captions_and_captions_only_the_rest(
+    model_folder, gallery_folder, tmp_path
+):
+    """Captions a killed build left in the index folder are committed as they are; only the rest is captioned."""
+    from show_attend_tell.caption_files import parts_dir
+    from show_attend_tell.caption_index import CaptionIndex
+    from show_attend_tell.hub import load_model_and_processor
+    from show_attend_tell.image_search import PENDING_FILE, build_index
+
+    model, processor = load_model_and_processor(model_folder, device="cpu")
+    pictures = [str(path) for path in sorted(gallery_folder.glob("*.png"))]
+    index = tmp_path / "photos.index"
+    settings = {"num_beams": 3, "num_return_sequences": 2, "progress": False}
+    build_index(model, processor, index, [], **settings)  # the empty index, as the killed run made it first
+    # What a run killed after two pictures leaves: its process's part of the pending captions (with a torn line).
+    parts = parts_dir(index / PENDING_FILE)
+    parts.mkdir()
+    rows = [
+        {"path": path, "caption": "a purple zebra", "captions": ["a purple zebra", "a zebra"]}
+        for path in pictures[:2]
+    ]
+    (parts / "process-000-1.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"path": "')
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    resumed = build_index(model, processor, index, [*pictures, broken], create=False, **settings)
+    assert (resumed.added, resumed.total, resumed.already_indexed, resumed.failed) == (12, 12, 0, 1)
+    indexed = {picture.image_id: picture.captions for picture in CaptionIndex.open(index).pictures()}
+    assert [indexed[path] for path in pictures[:2]] == [
+        ("a purple zebra", "a zebra")
+    ] * 2  # not captioned again
+    assert all(len(indexed[path]) == 2 and "zebra" not in indexed[path][0] for path in pictures[2:])
+    assert not (index / PENDING_FILE).exists() and not parts.exists()
+    with pytest.raises(ValueError, match="other generation settings: num_beams=3 \\(not 5\\)"):
+        build_index(model, processor, index, pictures, create=False, num_beams=5, num_return_sequences=2)
+
+
+def test_build_index_captions_only_the_dataset_rows_not_yet_indexed(model_folder, tmp_path):
+    from show_attend_tell.caption_files import dataset_inputs
+    from show_attend_tell.caption_index import CaptionIndex
+    from show_attend_tell.hub import load_model_and_processor
+    from show_attend_tell.image_search import build_index
+
+    model, processor = load_model_and_processor(model_folder, device="cpu")
+    index = tmp_path / "synthetic.index"
+    settings = {"num_beams": 3, "num_return_sequences": 3, "progress": False}
+    first = build_index(model, processor, index, dataset_inputs("synthetic", limit=3), **settings)
+    assert (first.added, first.total) == (3, 3)
+    rows = dataset_inputs("synthetic", limit=5)
+    more = build_index(model, processor, index, rows, create=False, **settings)
+    assert (more.added, more.total, more.already_indexed) == (2, 5, 3)
+    pictures = {picture.image_id: picture for picture in CaptionIndex.open(index).pictures()}
+    assert sorted(pictures) == sorted(rows.keys)
+    for position in (0, 4):  # one row of each run: the model's own best caption of that picture
+        pixel_values = processor(images=rows.items[position]["image"].convert("RGB"))["pixel_values"]
+        best = processor.batch_decode(
+            model.generate(pixel_values=pixel_values, num_beams=3), skip_special_tokens=True
+        )
+        assert (
+            pictures[rows.keys[position]].captions[0] == best[0]
+            and pictures[rows.keys[position]].source is None
+        )
+
+
+def test_two_accelerate_processes_build_the_single_process_index_and_stop_together(
+    model_folder, gallery_folder, tmp_path
+):
+    """`accelerate launch search_images.py build`: each picture captioned once, the same index; a refusal stops both."""
+    import socket
+
+    from show_attend_tell.caption_index import CaptionIndex
+    from show_attend_tell.hub import load_model_and_processor
+    from show_attend_tell.image_search import build_index
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # On a machine without GPUs the torchrun launcher behind --multi_gpu starts the two processes (gloo).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(port), str(REPO / "scripts" / "search_images.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    index = tmp_path / "two.index"
+    model_and_index = ["--model", str(model_folder), "--index", str(index)]
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*launch, *argv], capture_output=True, text=True, timeout=300, env=env)
+
+    settings = ["--num-beams", "3", "--num-return-sequences", "2", "--batch-size", "2", "--no-progress"]
+    built = run("build", *model_and_index, *settings, str(gallery_folder))
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert built.stderr.count("12 pictures indexed, 12 in") == 1  # the main process's summary only
+
+    model, processor = load_model_and_processor(model_folder, device="cpu")
+    single = tmp_path / "single.index"
+    build_index(
+        model, processor, single, [gallery_folder], num_beams=3, num_return_sequences=2, progress=False
+    )
+    pictures = [
+        {p.image_id: p.captions for p in CaptionIndex.open(path).pictures()} for path in (index, single)
+    ]
+    assert pictures[0] == pictures[1] and len(pictures[0]) == 12
+
+    refused = run("add", *model_and_index, "--num-beams", "5", str(gallery_folder), "--no-progress")
+    # Both processes stop at once (the launcher then prints its own report and traceback, not ours).
+    assert refused.returncode != 0 and 'search_images.py", line' not in refused.stderr
+    assert "show_attend_tell/" not in refused.stderr
+    assert refused.stderr.count("other generation settings: num_beams=3 (not 5)") == 1
+
+
 def test_http_search_route_answers_from_the_index(tiny, built_index):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
