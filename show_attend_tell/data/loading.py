@@ -137,34 +137,72 @@ def load_caption_dataset(
     """
     name = os.fspath(source)
     key = name.strip().lower()
-
     if key == "synthetic":
-        _reject("data_dir", data_dir, key)
-        _reject("image_dir", image_dir, key)
-        if max_samples_per_split is not None:
-            # Pictures are generated per index, so the first N are the same as in the full set.
-            for split, default in SYNTHETIC_DEFAULT_SIZES.items():
-                option = f"num_{split}"
-                source_options[option] = min(source_options.get(option, default), max_samples_per_split)
-        dataset = make_synthetic_dataset(seed=seed, cache_dir=cache_dir, **source_options)
-        return select_splits(dataset, splits, max_samples_per_split, source="synthetic")
-
+        return _load_synthetic(
+            data_dir, image_dir, cache_dir, seed, splits, max_samples_per_split, source_options
+        )
     if key == "flickr30k":
         _reject("image_dir", image_dir, key)
-        repo_id = source_options.pop("repo_id", FLICKR30K_REPO_ID)
-        if data_dir is not None:
-            local = Path(data_dir).expanduser()
-            if not local.is_dir():
-                raise FileNotFoundError(f"data_dir for 'flickr30k' is not a folder: {local}")
-            repo_id = str(local)
-        return load_flickr30k(
-            repo_id=repo_id,
-            cache_dir=cache_dir,
-            splits=splits,
-            max_samples_per_split=max_samples_per_split,
-            **source_options,
-        )
+        return _load_flickr30k_source(data_dir, cache_dir, splits, max_samples_per_split, source_options)
+    path, kind = _source_path(name, key, data_dir)
+    if not kind:
+        kind = _file_kind(path)
+    options = {"splits": splits, "max_samples_per_split": max_samples_per_split}
+    if kind == "karpathy":
+        return load_karpathy_json(_karpathy_json_path(path), image_dir, **options, **source_options)
+    _reject("image_dir", image_dir, kind)
+    if kind == "parquet":
+        return load_parquet_captions(path, cache_dir=cache_dir, **options, **source_options)
+    return load_image_folder_captions(path, cache_dir=cache_dir, **options, **source_options)
 
+
+def _load_synthetic(
+    data_dir: str | os.PathLike | None,
+    image_dir: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None,
+    seed: int,
+    splits: str | Iterable[str] | None,
+    max_samples_per_split: int | None,
+    source_options: dict[str, Any],
+) -> DatasetDict:
+    """The ``"synthetic"`` source: generated pictures, only as many per split as will be kept."""
+    _reject("data_dir", data_dir, "synthetic")
+    _reject("image_dir", image_dir, "synthetic")
+    if max_samples_per_split is not None:
+        # Pictures are generated per index, so the first N are the same as in the full set.
+        for split, default in SYNTHETIC_DEFAULT_SIZES.items():
+            option = f"num_{split}"
+            source_options[option] = min(source_options.get(option, default), max_samples_per_split)
+    dataset = make_synthetic_dataset(seed=seed, cache_dir=cache_dir, **source_options)
+    return select_splits(dataset, splits, max_samples_per_split, source="synthetic")
+
+
+def _load_flickr30k_source(
+    data_dir: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None,
+    splits: str | Iterable[str] | None,
+    max_samples_per_split: int | None,
+    source_options: dict[str, Any],
+) -> DatasetDict:
+    """The ``"flickr30k"`` source: the hub repository, or a local copy of it in ``data_dir``."""
+    repo_id = source_options.pop("repo_id", FLICKR30K_REPO_ID)
+    if data_dir is not None:
+        local = Path(data_dir).expanduser()
+        if not local.is_dir():
+            raise FileNotFoundError(f"data_dir for 'flickr30k' is not a folder: {local}")
+        repo_id = str(local)
+    return load_flickr30k(
+        repo_id=repo_id,
+        cache_dir=cache_dir,
+        splits=splits,
+        max_samples_per_split=max_samples_per_split,
+        **source_options,
+    )
+
+
+def _source_path(name: str, key: str, data_dir: str | os.PathLike | None) -> tuple[Path, str]:
+    """The existing path that a file source reads, and its kind when the source names it ("" when the
+    path itself is the source and its contents will tell)."""
     if key in ("karpathy", "parquet", "imagefolder"):
         if data_dir is None:
             raise ValueError(f"The {key!r} source needs data_dir= (the path to read).")
@@ -185,41 +223,36 @@ def load_caption_dataset(
                 "Karpathy split JSON, a parquet file or folder, or an image folder with captions."
             )
         kind = ""
-
     if not path.exists():
         raise FileNotFoundError(f"Dataset path not found: {path}")
-    options = {"splits": splits, "max_samples_per_split": max_samples_per_split}
-    if not kind:
-        if path.is_file():
-            if path.suffix.lower() == ".json":
-                kind = "karpathy"
-            elif path.suffix.lower() == ".parquet":
-                kind = "parquet"
-            else:
-                raise ValueError(
-                    f"Cannot load {path}: expected a Karpathy split JSON (.json), a .parquet file, "
-                    "or a folder of parquet files or of images with captions."
-                )
-        elif any(path.rglob("*.parquet")):
-            kind = "parquet"
-        elif _find_karpathy_json(path) is not None:
-            kind = "karpathy"
-        elif _has_images(path):
-            kind = "imagefolder"
-        else:
-            raise ValueError(
-                f"Cannot load {path}: found no parquet files, no dataset_*.json and no images in it."
-            )
+    return path, kind
 
-    if kind == "karpathy":
-        json_path = path
-        if path.is_dir():
-            found = _find_karpathy_json(path)
-            if found is None:
-                raise FileNotFoundError(f"Expected exactly one dataset_*.json in {path}.")
-            json_path = found
-        return load_karpathy_json(json_path, image_dir, **options, **source_options)
-    _reject("image_dir", image_dir, kind)
-    if kind == "parquet":
-        return load_parquet_captions(path, cache_dir=cache_dir, **options, **source_options)
-    return load_image_folder_captions(path, cache_dir=cache_dir, **options, **source_options)
+
+def _file_kind(path: Path) -> str:
+    """What an existing path given as the source holds: "karpathy", "parquet" or "imagefolder"."""
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            return "karpathy"
+        if path.suffix.lower() == ".parquet":
+            return "parquet"
+        raise ValueError(
+            f"Cannot load {path}: expected a Karpathy split JSON (.json), a .parquet file, "
+            "or a folder of parquet files or of images with captions."
+        )
+    if any(path.rglob("*.parquet")):
+        return "parquet"
+    if _find_karpathy_json(path) is not None:
+        return "karpathy"
+    if _has_images(path):
+        return "imagefolder"
+    raise ValueError(f"Cannot load {path}: found no parquet files, no dataset_*.json and no images in it.")
+
+
+def _karpathy_json_path(path: Path) -> Path:
+    """The split JSON itself, or the one dataset_*.json of a folder."""
+    if not path.is_dir():
+        return path
+    found = _find_karpathy_json(path)
+    if found is None:
+        raise FileNotFoundError(f"Expected exactly one dataset_*.json in {path}.")
+    return found
