@@ -254,8 +254,18 @@ def _figure_class() -> type[Figure]:
     return Figure
 
 
-def _caption_text(words: Sequence[str], width: int) -> str:
+def _grid_shape(num_panels: int, columns: int) -> tuple[int, int]:
+    """Rows and columns of the panels: rows of ``columns``, fewer columns when there are fewer panels."""
+    cols = min(columns, num_panels)
+    return math.ceil(num_panels / cols), cols
+
+
+def _caption_text(words: Sequence[str], panel_size: float, fontsize: float) -> str:
     """The caption for the first panel: the words without ``<end>``, wrapped to the panel's width."""
+    # Roughly the characters that fit across one panel at the caption's font size (0.85 of the
+    # words'; an average glyph is about 0.6 em wide), so the caption in the first panel wraps
+    # instead of running over its neighbours.
+    width = int(panel_size * 72 / (0.6 * fontsize * 0.85))
     caption = " ".join(w for w in words if w != _END_TOKEN)
     return textwrap.fill(caption, width=max(width, 10)) if caption else "<image>"
 
@@ -319,52 +329,28 @@ def plot_attention(
         raise ValueError(f"columns must be at least 1, got {columns}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    Figure = _figure_class()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
+    figure_class = _figure_class()  # first: without matplotlib, say so before any other work
     maps = _attention_grid(attention)
     words = _align_words(words, maps.shape[0])
     picture = _display_image(image, image_size)
     overlays = attention_overlays(picture, maps, smooth=smooth, image_size=None)
     pixels = np.asarray(picture)
-    height, width = pixels.shape[:2]
 
-    num_panels = len(words) + 1
-    cols = min(columns, num_panels)
-    rows = math.ceil(num_panels / cols)
-    # Roughly the characters that fit across one panel at the caption's font size (0.85 of the
-    # words'; an average glyph is about 0.6 em wide), so the caption in the first panel wraps
-    # instead of running over its neighbours.
-    chars_per_line = int(panel_size * 72 / (0.6 * fontsize * 0.85))
-    caption = _caption_text(words, chars_per_line)
-    caption_lines = caption.count("\n") + 1
-    # Leave room above each row for one line of title (the words); the first row also holds the
-    # caption, which may wrap onto several lines.
-    line_height = fontsize * 1.5 / 72
-    panel_height = panel_size * height / width
-    fig_height = rows * (panel_height + line_height) + (caption_lines - 1) * line_height * 0.85
-    if title:
-        fig_height += 2 * line_height
-    fig = Figure(figsize=(cols * panel_size, fig_height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)  # attaches itself to fig: rendering and buffers without pyplot
-    # Small paddings: the panels are pictures meant to be compared side by side, and the default
-    # margins would leave wide white gaps between them.
-    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
-
-    first = fig.add_subplot(rows, cols, 1)
-    first.imshow(pixels, interpolation="antialiased")
-    first.set_title(caption, fontsize=fontsize * 0.85, linespacing=1.1)
-    first.set_axis_off()  # ticks mean nothing over a photograph
-
-    for index, (word, overlay) in enumerate(zip(words, overlays, strict=True), start=2):
-        ax = fig.add_subplot(rows, cols, index)
-        ax.imshow(pixels, interpolation="antialiased")
-        # Fixed limits: without them matplotlib rescales each panel to its own range, and an
-        # evenly spread (all-ones) map would come out black instead of "looked everywhere".
-        ax.imshow(overlay, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="antialiased")
-        ax.set_title(word, fontsize=fontsize)
-        ax.set_axis_off()
-
+    rows, cols = _grid_shape(len(words) + 1, columns)
+    caption = _caption_text(words, panel_size, fontsize)
+    fig = _empty_figure(
+        figure_class,
+        rows,
+        cols,
+        image_shape=pixels.shape[:2],
+        caption_lines=caption.count("\n") + 1,
+        panel_size=panel_size,
+        fontsize=fontsize,
+        titled=bool(title),
+        dpi=dpi,
+    )
+    _draw_caption_panel(fig, rows, cols, pixels, caption, fontsize)
+    _draw_word_panels(fig, rows, cols, pixels, words, overlays, cmap=cmap, alpha=alpha, fontsize=fontsize)
     if title:
         fig.suptitle(title, fontsize=fontsize * 1.2)
     # Jupyter renders figures made through pyplot with its inline backend, but a Figure built
@@ -373,6 +359,71 @@ def plot_attention(
     # active, its formatter takes precedence and this is not used.)
     fig._repr_png_ = lambda: _png_bytes(fig)
     return fig
+
+
+def _empty_figure(
+    figure_class: type[Figure],
+    rows: int,
+    cols: int,
+    *,
+    image_shape: tuple[int, int],
+    caption_lines: int,
+    panel_size: float,
+    fontsize: float,
+    titled: bool,
+    dpi: float,
+) -> Figure:
+    """A figure on an Agg canvas sized for ``rows`` x ``cols`` panels of the image's ``(height, width)``, with room
+    for each panel's word, the caption's lines over the first row and the figure's title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # Leave room above each row for one line of title (the words); the first row also holds the
+    # caption, which may wrap onto several lines.
+    line_height = fontsize * 1.5 / 72
+    height, width = image_shape
+    panel_height = panel_size * height / width
+    fig_height = rows * (panel_height + line_height) + (caption_lines - 1) * line_height * 0.85
+    if titled:
+        fig_height += 2 * line_height
+    fig = figure_class(figsize=(cols * panel_size, fig_height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself to fig: rendering and buffers without pyplot
+    # Small paddings: the panels are pictures meant to be compared side by side, and the default
+    # margins would leave wide white gaps between them.
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
+    return fig
+
+
+def _draw_caption_panel(
+    fig: Figure, rows: int, cols: int, pixels: np.ndarray, caption: str, fontsize: float
+) -> None:
+    """The first panel: the image with the whole caption above it."""
+    first = fig.add_subplot(rows, cols, 1)
+    first.imshow(pixels, interpolation="antialiased")
+    first.set_title(caption, fontsize=fontsize * 0.85, linespacing=1.1)
+    first.set_axis_off()  # ticks mean nothing over a photograph
+
+
+def _draw_word_panels(
+    fig: Figure,
+    rows: int,
+    cols: int,
+    pixels: np.ndarray,
+    words: Sequence[str],
+    overlays: np.ndarray,
+    *,
+    cmap: str,
+    alpha: float,
+    fontsize: float,
+) -> None:
+    """The panels after the first: the image under each word's attention map, the word as the title."""
+    for index, (word, overlay) in enumerate(zip(words, overlays, strict=True), start=2):
+        ax = fig.add_subplot(rows, cols, index)
+        ax.imshow(pixels, interpolation="antialiased")
+        # Fixed limits: without them matplotlib rescales each panel to its own range, and an
+        # evenly spread (all-ones) map would come out black instead of "looked everywhere".
+        ax.imshow(overlay, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="antialiased")
+        ax.set_title(word, fontsize=fontsize)
+        ax.set_axis_off()
 
 
 def _png_bytes(fig: Figure) -> bytes:
