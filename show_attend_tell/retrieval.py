@@ -394,25 +394,66 @@ def encode_gallery(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    store = directory = None
-    status = np.zeros(len(gallery), dtype=np.uint8)
-    if use_cache:
-        description = {
-            "pictures": gallery.fingerprint(),
-            "rows": len(gallery),
-            "image_processor": image_processor_settings(processor.image_processor),
-            "dtype": "float32",
-        }
-        key = feature_cache_key(model.encoder.state_dict(), description)
-        directory = (Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()) / key
-        store = _open_cache(directory, gallery)
-        if store is not None:
-            status = store.statuses()
+    directory = _gallery_cache_directory(model, processor, gallery, cache_dir) if use_cache else None
+    store = _open_cache(directory, gallery) if directory is not None else None
+    status = store.statuses() if store is not None else np.zeros(len(gallery), dtype=np.uint8)
     todo = np.flatnonzero(status == FeatureCache.MISSING).tolist()
     skipped = {
         gallery.ids[row]: "could not be read (found when the gallery was first encoded)"
         for row in np.flatnonzero(status == FeatureCache.BAD).tolist()
     }
+    store, grids = _encode_missing(
+        model,
+        processor,
+        gallery,
+        todo,
+        status,
+        skipped,
+        store,
+        directory,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return _gallery_features(gallery, status, skipped, store, grids, encoded_any=bool(todo))
+
+
+def _gallery_cache_directory(
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    gallery: ImageGallery,
+    cache_dir: str | os.PathLike | None,
+) -> Path:
+    """The cache folder of this gallery's features: named by the encoder's weights, the image processor's
+    settings and the pictures, so that a change to any of them is never served stale features."""
+    description = {
+        "pictures": gallery.fingerprint(),
+        "rows": len(gallery),
+        "image_processor": image_processor_settings(processor.image_processor),
+        "dtype": "float32",
+    }
+    key = feature_cache_key(model.encoder.state_dict(), description)
+    return (Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()) / key
+
+
+def _encode_missing(
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    gallery: ImageGallery,
+    todo: list[int],
+    status: np.ndarray,
+    skipped: dict[str, str],
+    store: FeatureCache | None,
+    directory: Path | None,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> tuple[FeatureCache | None, list[torch.Tensor]]:
+    """
+    Encodes the gallery's rows `todo` batch by batch, marking each CACHED or BAD in `status` and adding the
+    unreadable ones to `skipped`. The grids go into `store`, or into a new cache in `directory` (created at the
+    first batch that has a grid, when `directory` is given); without either, into the returned in-memory list.
+    Returns the cache (None without one) and that list.
+    """
     grids: list[torch.Tensor] = []  # without a cache
     starts = range(0, len(todo), batch_size)
     if progress and todo:
@@ -423,27 +464,13 @@ def encode_gallery(
     model.eval()
     try:
         for start in starts:
-            images, rows, bad = [], [], []
-            for row in todo[start : start + batch_size]:
-                try:
-                    images.append(gallery.load(row))
-                    rows.append(row)
-                except (OSError, ValueError) as error:
-                    # One unreadable file must not lose the rest of the gallery (ImageLoadError is a
-                    # ValueError; a file removed since the gallery was listed is an OSError).
-                    reason = describe_image_error(error)
-                    logger.warning("skipping image %s: %s", gallery.ids[row], reason)
-                    skipped[gallery.ids[row]] = reason
-                    bad.append(row)
-            grid = None
-            if images:
-                pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-                with torch.inference_mode():
-                    grid, _ = model.encoder.encode_grid(pixel_values.to(model.device, dtype=model.dtype))
-                grid = grid.float().cpu()
-            if use_cache and store is None and grid is not None:
+            rows, bad, grid = _encode_batch(
+                model, processor, gallery, todo[start : start + batch_size], skipped
+            )
+            if directory is not None and store is None and grid is not None:
                 store = _create_cache(directory, gallery, tuple(grid.shape[1:]))
-                use_cache = store is not None
+                if store is None:  # the disk refused it: keep the features in memory from now on
+                    directory = None
             if store is not None and grid is not None:
                 store.write(rows, grid)
             elif grid is not None:
@@ -452,12 +479,58 @@ def encode_gallery(
             status[bad] = FeatureCache.BAD
     finally:
         model.train(was_training)
+    return store, grids
+
+
+def _encode_batch(
+    model: ShowAttendTellForConditionalGeneration,
+    processor: ShowAttendTellProcessor,
+    gallery: ImageGallery,
+    rows: list[int],
+    skipped: dict[str, str],
+) -> tuple[list[int], list[int], torch.Tensor | None]:
+    """
+    Reads and encodes the gallery's `rows`: returns the rows read, the rows that could not be (their reasons
+    added to `skipped`), and the read rows' float32 grids on the CPU (None when no row could be read).
+    """
+    images, read, bad = [], [], []
+    for row in rows:
+        try:
+            images.append(gallery.load(row))
+            read.append(row)
+        except (OSError, ValueError) as error:
+            # One unreadable file must not lose the rest of the gallery (ImageLoadError is a
+            # ValueError; a file removed since the gallery was listed is an OSError).
+            reason = describe_image_error(error)
+            logger.warning("skipping image %s: %s", gallery.ids[row], reason)
+            skipped[gallery.ids[row]] = reason
+            bad.append(row)
+    if not images:
+        return read, bad, None
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        grid, _ = model.encoder.encode_grid(pixel_values.to(model.device, dtype=model.dtype))
+    return read, bad, grid.float().cpu()
+
+
+def _gallery_features(
+    gallery: ImageGallery,
+    status: np.ndarray,
+    skipped: dict[str, str],
+    store: FeatureCache | None,
+    grids: list[torch.Tensor],
+    *,
+    encoded_any: bool,
+) -> GalleryFeatures:
+    """The features of the rows marked CACHED in `status`, from `store` or else from the in-memory `grids`;
+    records in the cache the rows that could not be read (when this call tried some) so that they are not
+    tried again."""
     positions = np.flatnonzero(status == FeatureCache.CACHED).tolist()
     if not positions:
         raise ValueError(f"none of the {len(gallery)} images of {gallery.name} could be read")
     if store is not None:
         bad_rows = np.flatnonzero(status == FeatureCache.BAD).tolist()
-        if bad_rows and todo:
+        if bad_rows and encoded_any:
             store.mark_bad(bad_rows)  # not tried again next time
         store.flush()
         source: torch.Tensor | FeatureCache = store
@@ -469,7 +542,7 @@ def encode_gallery(
         source,
         skipped,
         cache_path=store.directory if store is not None else None,
-        from_cache=store is not None and not todo,
+        from_cache=store is not None and not encoded_any,
     )
 
 
