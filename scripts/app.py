@@ -143,12 +143,28 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
     """
     import gradio as gr
 
+    with gr.Blocks(title="Show, Attend and Tell") as demo:
+        gr.Markdown("# Show, Attend and Tell")
+        with gr.Tab("Caption", id="caption-tab"):
+            add_caption_tab(captioner, examples)
+        with gr.Tab("Search", id="search-tab"):
+            add_search_tab(retriever)
+    return demo
+
+
+# Both tabs' handlers first clear their outputs, then fill them or raise gr.Error: an error must not leave the
+# previous picture's caption and figure on screen next to the new picture, as if they described it.
+
+
+def add_caption_tab(captioner: Any, examples: Sequence[Path]) -> None:
+    """The Caption tab's contents, added to the open `gr.Tab`: picture, beam size and length in, the caption
+    and its attention figure out, and the example pictures to click."""
+    import gradio as gr
+
     from show_attend_tell.image_processing_show_attend_tell import ImageLoadError, load_image
     from show_attend_tell.serve import CaptionOptions
     from show_attend_tell.visualization import plot_attention
 
-    # Both handlers first clear their outputs, then fill them or raise gr.Error: an error must not leave the
-    # previous picture's caption and figure on screen next to the new picture, as if they described it.
     def caption(image: Any, num_beams: float, max_words: float) -> Iterator[tuple[str, Any]]:
         yield "", None
         if image is None:
@@ -163,6 +179,51 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
         figure = plot_attention(picture, result.tokens, result.attention, columns=5, panel_size=2.0)
         yield text, figure_to_image(figure)
 
+    gr.Markdown(DESCRIPTION)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = gr.Image(
+                type="pil",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                label="Picture",
+                height=320,  # small pictures would otherwise show as a thumbnail strip
+                elem_id="image",
+            )
+            beams = gr.Slider(
+                1,
+                MAX_BEAMS,
+                value=captioner.default_num_beams,
+                step=1,
+                label="Beam size",
+                elem_id="beams",
+            )
+            words = gr.Slider(
+                1,
+                MAX_WORDS,
+                value=min(MAX_WORDS, max(1, captioner.default_max_new_tokens - 1)),
+                step=1,
+                label="Longest caption (words)",
+            )
+            button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+        with gr.Column(scale=2):
+            text = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
+            figure = figure_view("Attention", "figure")
+    gr.on([button.click, image.upload], caption, inputs=[image, beams, words], outputs=[text, figure])
+    if examples:
+        gr.Examples(
+            examples=[[str(path)] for path in examples],
+            inputs=[image],
+            label="Examples (click one, then Caption)",
+            examples_per_page=12,
+        )
+
+
+def add_search_tab(retriever: Any | None) -> None:
+    """The Search tab's contents, added to the open `gr.Tab`: a sentence in, the pictures it describes best
+    (`search_pictures`) and the attention of its words over them out."""
+    import gradio as gr
+
     def search(query: str, top_k: float) -> Iterator[tuple[list[tuple[Any, str]], Any]]:
         yield [], None
         try:
@@ -173,75 +234,31 @@ def build_demo(captioner: Any, retriever: Any | None = None, examples: Sequence[
             gr.Warning(warning)
         yield pictures, figure_to_image(figure)
 
-    def figure_view(label: str, elem_id: str) -> Any:
-        """Where an attention figure is shown (read-only, PNG)."""
-        # No label badge: it would cover the figure's own caption in its top left corner.
-        return gr.Image(
-            type="pil", format="png", label=label, show_label=False, interactive=False, elem_id=elem_id
-        )
+    gr.Markdown(SEARCH_DESCRIPTION)
+    if retriever is None:
+        gr.Markdown("*Start the app with `--examples FOLDER` to search those pictures.*")
+    with gr.Row():
+        query = gr.Textbox(label="Describe a picture", placeholder="a small red circle", elem_id="query")
+        top_k = gr.Slider(1, 12, value=4, step=1, label="Pictures to show")
+    search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+    hits = gr.Gallery(label="Best matches", columns=6, height="auto", object_fit="contain", elem_id="hits")
+    search_figure = figure_view("Attention of each word", "search-figure")
+    gr.on(
+        [search_button.click, query.submit],
+        search,
+        inputs=[query, top_k],
+        outputs=[hits, search_figure],
+    )
 
-    with gr.Blocks(title="Show, Attend and Tell") as demo:
-        gr.Markdown("# Show, Attend and Tell")
-        with gr.Tab("Caption", id="caption-tab"):
-            gr.Markdown(DESCRIPTION)
-            with gr.Row():
-                with gr.Column(scale=1):
-                    image = gr.Image(
-                        type="pil",
-                        image_mode=None,
-                        sources=["upload", "clipboard"],
-                        label="Picture",
-                        height=320,  # small pictures would otherwise show as a thumbnail strip
-                        elem_id="image",
-                    )
-                    beams = gr.Slider(
-                        1,
-                        MAX_BEAMS,
-                        value=captioner.default_num_beams,
-                        step=1,
-                        label="Beam size",
-                        elem_id="beams",
-                    )
-                    words = gr.Slider(
-                        1,
-                        MAX_WORDS,
-                        value=min(MAX_WORDS, max(1, captioner.default_max_new_tokens - 1)),
-                        step=1,
-                        label="Longest caption (words)",
-                    )
-                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                with gr.Column(scale=2):
-                    text = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
-                    figure = figure_view("Attention", "figure")
-            gr.on([button.click, image.upload], caption, inputs=[image, beams, words], outputs=[text, figure])
-            if examples:
-                gr.Examples(
-                    examples=[[str(path)] for path in examples],
-                    inputs=[image],
-                    label="Examples (click one, then Caption)",
-                    examples_per_page=12,
-                )
-        with gr.Tab("Search", id="search-tab"):
-            gr.Markdown(SEARCH_DESCRIPTION)
-            if retriever is None:
-                gr.Markdown("*Start the app with `--examples FOLDER` to search those pictures.*")
-            with gr.Row():
-                query = gr.Textbox(
-                    label="Describe a picture", placeholder="a small red circle", elem_id="query"
-                )
-                top_k = gr.Slider(1, 12, value=4, step=1, label="Pictures to show")
-            search_button = gr.Button("Search", variant="primary", elem_id="search-button")
-            hits = gr.Gallery(
-                label="Best matches", columns=6, height="auto", object_fit="contain", elem_id="hits"
-            )
-            search_figure = figure_view("Attention of each word", "search-figure")
-            gr.on(
-                [search_button.click, query.submit],
-                search,
-                inputs=[query, top_k],
-                outputs=[hits, search_figure],
-            )
-    return demo
+
+def figure_view(label: str, elem_id: str) -> Any:
+    """Where an attention figure is shown (read-only, PNG), in the open layout block."""
+    import gradio as gr
+
+    # No label badge: it would cover the figure's own caption in its top left corner.
+    return gr.Image(
+        type="pil", format="png", label=label, show_label=False, interactive=False, elem_id=elem_id
+    )
 
 
 def make_theme() -> Any:
