@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,8 @@ except ImportError:  # the optional [serve] extra is missing: only create_app ne
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from starlette.responses import JSONResponse
 
     from .modeling_show_attend_tell import ShowAttendTellForConditionalGeneration
     from .processing_show_attend_tell import ShowAttendTellProcessor
@@ -594,12 +596,15 @@ class _Busy(Exception):
     """The service cannot take the request now (503 with Retry-After)."""
 
 
+_NO_IMAGE = 'no image: send the picture as a multipart file field named "image" (curl -F image=@photo.jpg)'
+
+
 def _validation_reason(error: dict[str, Any], bounds: dict[str, tuple[int, int]]) -> str:
     """One of FastAPI's validation errors of a /caption field, in the service's words."""
     name = str(error["loc"][-1])
     got = error.get("input")
     if name == "image":
-        return 'no image: send the picture as a multipart file field named "image" (curl -F image=@photo.jpg)'
+        return _NO_IMAGE
     if name in bounds and error["type"] in ("greater_than_equal", "less_than_equal"):
         low, high = bounds[name]
         return f"{name} must be between {low} and {high}, got {got}"
@@ -608,6 +613,275 @@ def _validation_reason(error: dict[str, Any], bounds: dict[str, tuple[int, int]]
     if error["type"] == "bool_parsing":
         return f"{name} must be true or false, got {got!r}"
     return f"{name}: {error['msg']}"
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """The service's settings: :func:`create_app`'s keyword arguments."""
+
+    max_upload_bytes: int
+    max_image_pixels: int | None
+    max_batch_size: int
+    max_wait_ms: float
+    max_beams: int
+    max_new_tokens_limit: int
+    max_queue: int
+    request_timeout_s: float
+    body_timeout_s: float | None
+    decode_budget_bytes: int
+    decode_threads: int
+    decode_wait_s: float
+
+
+class _Service:
+    """
+    What the endpoints of one application share, kept on ``app.state.service``: the captioner, the limits, the
+    counters, the decode budget and, while the application runs (its lifespan), the batching worker and the
+    decoding threads.
+    """
+
+    def __init__(self, captioner: Captioner, limits: _Limits) -> None:
+        if limits.decode_threads < 1:
+            raise ValueError(f"decode_threads must be at least 1, got {limits.decode_threads}")
+        self.captioner = captioner
+        self.limits = limits
+        self.counters = {"received": 0, "rejected": 0}
+        self.budget = DecodeBudget(limits.decode_budget_bytes)
+        #: The /caption options' bounds, also what a validation error of them reports.
+        self.bounds = {"num_beams": (1, limits.max_beams), "max_new_tokens": (1, limits.max_new_tokens_limit)}
+        self.default_max_new_tokens = min(captioner.default_max_new_tokens, limits.max_new_tokens_limit)
+        self.batcher: BatchingCaptioner | None = None
+        self.decoders: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Starts the batching worker and the decoding threads (when the application starts)."""
+        limits = self.limits
+        self.batcher = BatchingCaptioner(
+            self.captioner, limits.max_batch_size, limits.max_wait_ms, limits.max_queue
+        )
+        self.decoders = concurrent.futures.ThreadPoolExecutor(
+            limits.decode_threads, thread_name_prefix="decode"
+        )
+
+    async def stop(self) -> None:
+        """Stops the decoding threads, then the batching worker once it has finished the queued requests."""
+        from starlette.concurrency import run_in_threadpool
+
+        if self.decoders is not None:
+            await run_in_threadpool(self.decoders.shutdown)
+        if self.batcher is not None:
+            await run_in_threadpool(self.batcher.close)
+
+    def count_rejection(self) -> None:
+        self.counters["rejected"] += 1
+
+    def reject(self, status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error answer ``{"detail": reason}``, counted as a rejection."""
+        from starlette.responses import JSONResponse
+
+        self.count_rejection()
+        return JSONResponse({"detail": reason}, status_code=status, headers=headers)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, **(self.batcher.stats if self.batcher else {}), **self.budget.stats}
+
+    def health(self) -> dict[str, Any]:
+        limits = self.limits
+        return {
+            "status": "ok",
+            "model": self.captioner.name,
+            "device": str(self.captioner.model.device),
+            "batching": {
+                "max_batch_size": limits.max_batch_size,
+                "max_wait_ms": limits.max_wait_ms,
+                "max_queue": limits.max_queue,
+            },
+            "decoding": {
+                "threads": limits.decode_threads,
+                "budget_bytes": self.budget.limit,
+                "wait_s": limits.decode_wait_s,
+            },
+            "body_timeout_s": limits.body_timeout_s,
+            "stats": self.stats(),
+        }
+
+    async def prepare(self, data: bytes) -> torch.Tensor:
+        """The uploaded picture as model input, decoded once its cost is reserved from the decode budget."""
+        from starlette.concurrency import run_in_threadpool
+
+        max_pixels = self.limits.max_image_pixels
+        cost = await run_in_threadpool(decode_cost, data, max_pixels)  # reads the header only
+        budget = self.budget
+        if cost > budget.limit:
+            raise ImageRejected(
+                413,
+                f"decoding this picture takes about {cost / 2**20:,.0f} MiB, more than the decode budget of "
+                f"{budget.limit / 2**20:,.0f} MiB",
+            )
+        if not await budget.acquire(cost, self.limits.decode_wait_s):
+            raise _Busy("the server is busy (decoding other pictures); retry shortly")
+        loop = asyncio.get_running_loop()
+        try:
+            decoding = self.decoders.submit(lambda: self.captioner.prepare(decode_image(data, max_pixels)))
+        except RuntimeError:  # the service is shutting down
+            budget.release(cost)
+            raise _Busy("the server is shutting down") from None
+        # Released when the decoding thread is done, even if this request is given up before.
+        decoding.add_done_callback(lambda _: loop.call_soon_threadsafe(budget.release, cost))
+        return await asyncio.wrap_future(decoding)
+
+    async def caption(self, request: Request, image: UploadFile | None, options: CaptionOptions) -> Any:
+        """One /caption request: the upload decoded within the budget, captioned by the batcher."""
+        from starlette.responses import JSONResponse
+
+        self.counters["received"] += 1
+        busy = {"Retry-After": str(RETRY_AFTER_S)}
+        try:
+            pixel_values = await self.prepare(await _read_upload(request, image))
+            future = self.batcher.submit(pixel_values, options)
+        except ImageRejected as error:
+            return self.reject(error.status, error.reason)
+        except _Busy as error:
+            return self.reject(503, str(error), busy)
+        except queue.Full:
+            return self.reject(503, "the server is busy (too many queued requests); retry shortly", busy)
+        try:
+            result = await asyncio.wait_for(
+                asyncio.wrap_future(future), timeout=self.limits.request_timeout_s
+            )
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            future.cancel()
+            return JSONResponse({"detail": "captioning took too long"}, status_code=504)
+        except Exception:  # the batcher logged the traceback; internals are not the client's business
+            return JSONResponse({"detail": "captioning failed (see the server log)"}, status_code=500)
+        body = result.to_json(self.captioner.grid)
+        body.update(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens)
+        return body
+
+
+async def _read_upload(request: Request, image: UploadFile | None) -> bytes:
+    """The uploaded picture's bytes: the multipart file field ``image``, else the body of an ``image/*`` request."""
+    if image is not None:
+        return await image.read()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        raise ImageRejected(422, _NO_IMAGE)
+    if not (content_type.startswith("image/") or content_type == "application/octet-stream"):
+        raise ImageRejected(
+            415,
+            f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data with a "
+            'file field named "image", or the image bytes with an image/* content type',
+        )
+    return await request.body()
+
+
+def _first_given(*values: Any) -> Any:
+    """The first value that is not None: a form field wins over the query parameter, which wins over the default."""
+    return next(value for value in values if value is not None)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The batching worker and the decoding threads live as long as the application."""
+    service: _Service = app.state.service
+    service.start()
+    try:
+        yield
+    finally:
+        await service.stop()
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's answer to a field it could not validate, in the service's words (one line, 422)."""
+    service: _Service = request.app.state.service
+    return service.reject(
+        422, "; ".join(dict.fromkeys(_validation_reason(e, service.bounds) for e in error.errors()))
+    )
+
+
+# The endpoints have no docstrings: FastAPI would publish them as their OpenAPI descriptions.
+
+
+async def health(request: Request) -> dict[str, Any]:
+    return request.app.state.service.health()
+
+
+async def get_stats(request: Request) -> dict[str, int]:
+    return request.app.state.service.stats()
+
+
+def _caption_answers() -> tuple[type, dict[int | str, dict[str, Any]]]:
+    """/caption's answer model and its error answers, as OpenAPI documents them."""
+    from pydantic import BaseModel, Field
+
+    class CaptionAnswer(BaseModel):
+        caption: str = Field(description="the caption, words joined by spaces")
+        tokens: list[str] = Field(description="its words, `<unk>` included")
+        num_beams: int
+        max_new_tokens: int
+        attention: list[list[float]] | None = Field(
+            None, description="with return_attention: per token, its h * w attention weights, row-major"
+        )
+        attention_shape: list[int] | None = Field(None, description="with return_attention: [tokens, h, w]")
+
+    class Problem(BaseModel):
+        detail: str = Field(description="what is wrong, in one line")
+
+    errors = {
+        408: "the request body did not arrive in time",
+        413: "upload, picture or its decoding memory above the limits",
+        415: "not an image, or an unsupported content type",
+        422: "empty, truncated or corrupt image, or a bad option",
+        503: "busy: queue full or decode budget in use (see Retry-After)",
+    }
+    return CaptionAnswer, {status: {"model": Problem, "description": text} for status, text in errors.items()}
+
+
+def _add_caption_route(app: FastAPI, service: _Service) -> None:
+    """
+    Adds ``POST /caption``. Its options' bounds and defaults are this service's, and FastAPI validates and
+    documents an endpoint's parameters from its signature, so the endpoint is declared here; the work is
+    :meth:`_Service.caption`.
+    """
+    from fastapi import File, Form, Query
+
+    def option(location: Any, name: str, description: str, **bounds: int) -> Any:
+        """One /caption option, as a form field or a query parameter of the same name (the form wins)."""
+        return location(None, alias=name, description=description, **bounds)
+
+    max_beams, max_length = service.limits.max_beams, service.limits.max_new_tokens_limit
+    default_beams, default_length = service.captioner.default_num_beams, service.default_max_new_tokens
+    beams_doc = f"beam width (default {default_beams})"
+    length_doc = f"most words generated (default {default_length})"
+    attention_doc = "also return each word's attention map (default false)"
+    picture = File(None, description="the picture (JPEG, PNG, WebP, ...)")
+    answer, problems = _caption_answers()
+
+    @app.post(
+        "/caption",
+        response_model=answer,
+        response_model_exclude_none=True,
+        responses=problems,
+        summary="Caption one picture",
+        description="The picture as a multipart file field `image`, or the raw bytes as the body with an "
+        "`image/*` content type. Options as form fields or query parameters.",
+    )
+    async def caption(
+        request: Request,
+        image: UploadFile | None = picture,
+        form_num_beams: int | None = option(Form, "num_beams", beams_doc, ge=1, le=max_beams),
+        form_max_new_tokens: int | None = option(Form, "max_new_tokens", length_doc, ge=1, le=max_length),
+        form_return_attention: bool | None = option(Form, "return_attention", attention_doc),
+        num_beams: int | None = option(Query, "num_beams", beams_doc, ge=1, le=max_beams),
+        max_new_tokens: int | None = option(Query, "max_new_tokens", length_doc, ge=1, le=max_length),
+        return_attention: bool | None = option(Query, "return_attention", attention_doc),
+    ) -> Any:
+        options = CaptionOptions(
+            num_beams=_first_given(form_num_beams, num_beams, default_beams),
+            max_new_tokens=_first_given(form_max_new_tokens, max_new_tokens, default_length),
+            return_attention=bool(_first_given(form_return_attention, return_attention, False)),
+        )
+        return await service.caption(request, image, options)
 
 
 def create_app(
@@ -632,204 +906,41 @@ def create_app(
     finishing queued requests.
     """
     try:
-        from fastapi import FastAPI, File, Form, Query
+        from fastapi import FastAPI
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse
-        from pydantic import BaseModel, Field
     except ImportError as error:
         raise ImportError(
             "the HTTP service needs FastAPI and uvicorn: pip install fastapi uvicorn python-multipart"
         ) from error
-    from starlette.concurrency import run_in_threadpool
 
-    if decode_threads < 1:
-        raise ValueError(f"decode_threads must be at least 1, got {decode_threads}")
-    counters = {"received": 0, "rejected": 0}
-    budget = DecodeBudget(decode_budget_bytes)
-    state: dict[str, Any] = {}
-    bounds = {"num_beams": (1, max_beams), "max_new_tokens": (1, max_new_tokens_limit)}
-    default_max_new_tokens = min(captioner.default_max_new_tokens, max_new_tokens_limit)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):
-        state["batcher"] = BatchingCaptioner(captioner, max_batch_size, max_wait_ms, max_queue)
-        state["decoders"] = concurrent.futures.ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
-        try:
-            yield
-        finally:
-            await run_in_threadpool(state["decoders"].shutdown)
-            await run_in_threadpool(state["batcher"].close)
-
+    limits = _Limits(
+        max_upload_bytes=max_upload_bytes,
+        max_image_pixels=max_image_pixels,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_beams=max_beams,
+        max_new_tokens_limit=max_new_tokens_limit,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout_s,
+        body_timeout_s=body_timeout_s,
+        decode_budget_bytes=decode_budget_bytes,
+        decode_threads=decode_threads,
+        decode_wait_s=decode_wait_s,
+    )
+    service = _Service(captioner, limits)
     app = FastAPI(
         title="Show, Attend and Tell captioning",
         description="Caption an image: POST it to /caption as a multipart file field named `image`.",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
-
-    def count_rejection() -> None:
-        counters["rejected"] += 1
-
+    app.state.service = service
     app.add_middleware(
-        BodyLimits, max_bytes=max_upload_bytes, timeout_s=body_timeout_s, on_reject=count_rejection
+        BodyLimits, max_bytes=max_upload_bytes, timeout_s=body_timeout_s, on_reject=service.count_rejection
     )
-
-    def reject(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        count_rejection()
-        return JSONResponse({"detail": reason}, status_code=status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return reject(422, "; ".join(dict.fromkeys(_validation_reason(e, bounds) for e in error.errors())))
-
-    def stats() -> dict[str, int]:
-        batcher = state.get("batcher")
-        return {**counters, **(batcher.stats if batcher else {}), **budget.stats}
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": captioner.name,
-            "device": str(captioner.model.device),
-            "batching": {
-                "max_batch_size": max_batch_size,
-                "max_wait_ms": max_wait_ms,
-                "max_queue": max_queue,
-            },
-            "decoding": {"threads": decode_threads, "budget_bytes": budget.limit, "wait_s": decode_wait_s},
-            "body_timeout_s": body_timeout_s,
-            "stats": stats(),
-        }
-
-    @app.get("/stats")
-    async def get_stats() -> dict[str, int]:
-        return stats()
-
-    async def prepare(data: bytes) -> torch.Tensor:
-        """The uploaded picture as model input, decoded once its cost is reserved from the decode budget."""
-        cost = await run_in_threadpool(decode_cost, data, max_image_pixels)  # reads the header only
-        if cost > budget.limit:
-            raise ImageRejected(
-                413,
-                f"decoding this picture takes about {cost / 2**20:,.0f} MiB, more than the decode budget of "
-                f"{budget.limit / 2**20:,.0f} MiB",
-            )
-        if not await budget.acquire(cost, decode_wait_s):
-            raise _Busy("the server is busy (decoding other pictures); retry shortly")
-        loop = asyncio.get_running_loop()
-        try:
-            decoding = state["decoders"].submit(
-                lambda: captioner.prepare(decode_image(data, max_image_pixels))
-            )
-        except RuntimeError:  # the service is shutting down
-            budget.release(cost)
-            raise _Busy("the server is shutting down") from None
-        # Released when the decoding thread is done, even if this request is given up before.
-        decoding.add_done_callback(lambda _: loop.call_soon_threadsafe(budget.release, cost))
-        return await asyncio.wrap_future(decoding)
-
-    class CaptionAnswer(BaseModel):
-        caption: str = Field(description="the caption, words joined by spaces")
-        tokens: list[str] = Field(description="its words, `<unk>` included")
-        num_beams: int
-        max_new_tokens: int
-        attention: list[list[float]] | None = Field(
-            None, description="with return_attention: per token, its h * w attention weights, row-major"
-        )
-        attention_shape: list[int] | None = Field(None, description="with return_attention: [tokens, h, w]")
-
-    class Problem(BaseModel):
-        detail: str = Field(description="what is wrong, in one line")
-
-    errors = {
-        408: "the request body did not arrive in time",
-        413: "upload, picture or its decoding memory above the limits",
-        415: "not an image, or an unsupported content type",
-        422: "empty, truncated or corrupt image, or a bad option",
-        503: "busy: queue full or decode budget in use (see Retry-After)",
-    }
-
-    def option(location: Any, name: str, description: str, **bounds: int) -> Any:
-        """One /caption option, as a form field or a query parameter of the same name (the form wins)."""
-        return location(None, alias=name, description=description, **bounds)
-
-    beams_doc = f"beam width (default {captioner.default_num_beams})"
-    length_doc = f"most words generated (default {default_max_new_tokens})"
-    attention_doc = "also return each word's attention map (default false)"
-    picture = File(None, description="the picture (JPEG, PNG, WebP, ...)")
-
-    @app.post(
-        "/caption",
-        response_model=CaptionAnswer,
-        response_model_exclude_none=True,
-        responses={status: {"model": Problem, "description": text} for status, text in errors.items()},
-        summary="Caption one picture",
-        description="The picture as a multipart file field `image`, or the raw bytes as the body with an "
-        "`image/*` content type. Options as form fields or query parameters.",
-    )
-    async def caption(
-        request: Request,
-        image: UploadFile | None = picture,
-        form_num_beams: int | None = option(Form, "num_beams", beams_doc, ge=1, le=max_beams),
-        form_max_new_tokens: int | None = option(
-            Form, "max_new_tokens", length_doc, ge=1, le=max_new_tokens_limit
-        ),
-        form_return_attention: bool | None = option(Form, "return_attention", attention_doc),
-        num_beams: int | None = option(Query, "num_beams", beams_doc, ge=1, le=max_beams),
-        max_new_tokens: int | None = option(
-            Query, "max_new_tokens", length_doc, ge=1, le=max_new_tokens_limit
-        ),
-        return_attention: bool | None = option(Query, "return_attention", attention_doc),
-    ) -> Any:
-        counters["received"] += 1
-        if image is not None:
-            data = await image.read()
-        else:
-            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if content_type == "multipart/form-data":
-                return reject(422, _validation_reason({"loc": ("image",)}, bounds))
-            if not (content_type.startswith("image/") or content_type == "application/octet-stream"):
-                return reject(
-                    415,
-                    f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data with a "
-                    'file field named "image", or the image bytes with an image/* content type',
-                )
-            data = await request.body()
-        options = CaptionOptions(
-            num_beams=next(
-                v for v in (form_num_beams, num_beams, captioner.default_num_beams) if v is not None
-            ),
-            max_new_tokens=next(
-                v for v in (form_max_new_tokens, max_new_tokens, default_max_new_tokens) if v is not None
-            ),
-            return_attention=bool(
-                form_return_attention if form_return_attention is not None else return_attention
-            ),
-        )
-        try:
-            pixel_values = await prepare(data)
-            future = state["batcher"].submit(pixel_values, options)
-        except ImageRejected as error:
-            return reject(error.status, error.reason)
-        except _Busy as error:
-            return reject(503, str(error), {"Retry-After": str(RETRY_AFTER_S)})
-        except queue.Full:
-            return reject(
-                503,
-                "the server is busy (too many queued requests); retry shortly",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            )
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=request_timeout_s)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            future.cancel()
-            return JSONResponse({"detail": "captioning took too long"}, status_code=504)
-        except Exception:  # the batcher logged the traceback; internals are not the client's business
-            return JSONResponse({"detail": "captioning failed (see the server log)"}, status_code=500)
-        body = result.to_json(captioner.grid)
-        body.update(num_beams=options.num_beams, max_new_tokens=options.max_new_tokens)
-        return body
-
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/stats", get_stats, methods=["GET"])
+    _add_caption_route(app, service)
     return app
 
 
@@ -878,18 +989,8 @@ def add_search_route(app: FastAPI, retriever: Any, *, max_top_k: int = DEFAULT_M
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from .hub import add_trust_remote_code_argument
-
-    parser = argparse.ArgumentParser(
-        prog="python -m show_attend_tell.serve", description="Serve a captioning model over HTTP."
-    )
-    parser.add_argument("--model", required=True, help="model folder (safetensors weights)")
-    add_trust_remote_code_argument(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
-    add_device_argument(parser)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The service's batching and its limits on requests, pictures and memory."""
     parser.add_argument(
         "--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="requests per batch"
     )
@@ -944,6 +1045,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds a client has to send a whole request body; a slower or stalled one gets 408 and the "
         f"connection is closed (default {DEFAULT_BODY_TIMEOUT_S:g})",
     )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from .hub import add_trust_remote_code_argument
+
+    parser = argparse.ArgumentParser(
+        prog="python -m show_attend_tell.serve", description="Serve a captioning model over HTTP."
+    )
+    parser.add_argument("--model", required=True, help="model folder (safetensors weights)")
+    add_trust_remote_code_argument(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    add_device_argument(parser)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    _add_limit_arguments(parser)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )

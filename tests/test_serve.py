@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
 import os
 import signal
 import socket
@@ -13,10 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CAPTIONS, sharpened_tiny_model
 from PIL import Image
 from serve_tiny_model import save_tiny_model, trained_tiny_captioner
 
@@ -24,12 +27,18 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from show_attend_tell import (  # noqa: E402
+    ShowAttendTellImageProcessor,
+    ShowAttendTellProcessor,
+    ShowAttendTellTokenizer,
+)
 from show_attend_tell.pipeline_show_attend_tell import words_and_attention  # noqa: E402
 from show_attend_tell.serve import (  # noqa: E402 - after the optional-dependency checks
     BatchingCaptioner,
     Captioner,
     CaptionOptions,
     DecodeBudget,
+    add_search_route,
     create_app,
     decode_cost,
     decode_image,
@@ -462,6 +471,72 @@ def test_an_image_field_that_is_not_a_file_is_refused(server):
     )
     assert response.status_code == 422, response.text
     assert 'multipart file field named "image"' in response.json()["detail"]
+
+
+#: The service's OpenAPI schema as it was before the endpoints moved out of create_app (issue 19).
+OPENAPI_FIXTURE = Path(__file__).parent / "fixtures" / "serve_openapi.json"
+
+
+def schema_captioner() -> Captioner:
+    """conftest's untrained tiny model: the schema depends on its generation defaults, not on its weights."""
+    tokenizer = ShowAttendTellTokenizer.train_from_captions(CAPTIONS, min_freq=5)
+    processor = ShowAttendTellProcessor(ShowAttendTellImageProcessor(size=64), tokenizer)
+    return Captioner(sharpened_tiny_model(len(tokenizer)), processor)
+
+
+def openapi_declarations(captioner: Captioner) -> dict:
+    """
+    The info and every path of the schema of a service with limits of its own and GET /search, with each
+    ``$ref`` replaced by the schema it names: parameters, form fields with their bounds, defaults and
+    descriptions, answers and errors, independent of how FastAPI names its components.
+    """
+    app = create_app(captioner, max_beams=7, max_new_tokens_limit=40, max_upload_bytes=1000)
+    add_search_route(app, None, max_top_k=25)  # the schema never queries the retriever
+    spec = app.openapi()
+    components = spec["components"]["schemas"]
+
+    def resolved(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                named = components[node["$ref"].rsplit("/", 1)[-1]]
+                return resolved({**named, **{k: v for k, v in node.items() if k != "$ref"}})
+            return {key: resolved(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolved(value) for value in node]
+        return node
+
+    return json.loads(json.dumps({"info": spec["info"], "paths": resolved(spec["paths"])}))
+
+
+def write_openapi_fixture() -> None:
+    """Records the schema; only for an intended change of the API (from tests/: ``python -c "import test_serve;
+    test_serve.write_openapi_fixture()"``)."""
+    declarations = openapi_declarations(schema_captioner())
+    OPENAPI_FIXTURE.write_text(json.dumps(declarations, indent=1, sort_keys=True) + "\n")
+
+
+def differences(recorded, now, where: str = "") -> list[str]:
+    """Where two JSON documents differ, one line per differing value: what a reader of a failure needs."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return [
+            line
+            for key in sorted(set(recorded) | set(now))
+            for line in differences(recorded.get(key, "(absent)"), now.get(key, "(absent)"), f"{where}/{key}")
+        ]
+    if isinstance(recorded, list) and isinstance(now, list) and len(recorded) == len(now):
+        return [
+            line
+            for i, (a, b) in enumerate(zip(recorded, now, strict=True))
+            for line in differences(a, b, f"{where}[{i}]")
+        ]
+    return [] if recorded == now else [f"{where}: was {recorded!r}, now {now!r}"]
+
+
+def test_the_openapi_schema_declares_what_it_did():
+    now = openapi_declarations(schema_captioner())
+    assert sorted(now["paths"]) == ["/caption", "/health", "/search", "/stats"]
+    changed = differences(json.loads(OPENAPI_FIXTURE.read_text()), now)
+    assert not changed, "\n".join(changed)
 
 
 # --- memory: the decode budget, decoding threads and the queue -------------------------------------------
