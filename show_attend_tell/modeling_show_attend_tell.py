@@ -18,7 +18,8 @@ image during `generate()`. Rows are grouped by image in `repeat_interleave` orde
 k - 1` belong to image `i`), so an image's features and their projection `W_e a` are stored once.
 
 Inference without gradients takes a faster route through the same function, kept in
-`fast_decoding_show_attend_tell.py` and entered from one place (`ShowAttendTellDecoder.forward`).
+`fast_decoding_show_attend_tell.py` and entered from one place in the decoder (`ShowAttendTellDecoder.forward`)
+and one in the encoder (`ShowAttendTellEncoder.encode_grid`, on a CPU).
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class ShowAttendTellEncoder(ShowAttendTellPreTrainedModel):
         super().__init__(config)
         self.resnet = ResNetModel(config.encoder_config)
         self.adaptive_pool = nn.AdaptiveAvgPool2d((config.encoded_image_size, config.encoded_image_size))
+        # Without gradients on a CPU, the ResNet runs a few images at a time (same features, faster; see
+        # `fast_decoding_show_attend_tell.encode_grid_in_chunks`); False runs the whole batch at once.
+        self.fast_inference = True
         self.post_init()
 
     def forward(
@@ -140,6 +144,16 @@ class ShowAttendTellEncoder(ShowAttendTellPreTrainedModel):
         self, pixel_values: torch.FloatTensor, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The ResNet's last feature map at its native resolution, (images, encoder_dim, H/32, W/32)."""
+        inference = not self.training and not torch.is_grad_enabled()  # batch norm then uses its statistics
+        if (
+            self.fast_inference
+            and inference
+            and not output_hidden_states
+            and pixel_values.device.type == "cpu"
+        ):
+            from .fast_decoding_show_attend_tell import encode_grid_in_chunks  # the encoder's one entry
+
+            return encode_grid_in_chunks(self.resnet, pixel_values), None
         outputs = self.resnet(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         return outputs.last_hidden_state, outputs.hidden_states
 

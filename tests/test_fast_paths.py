@@ -344,3 +344,51 @@ def teacher_forced_score(model, features: BaseModelOutput, image: int, tokens: l
         logits = model(encoder_outputs=one, input_ids=torch.tensor([[start, *tokens[:-1]]])).logits
     log_probs = logits[0].log_softmax(-1)
     return sum(log_probs[t, token].item() for t, token in enumerate(tokens))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_encoder_in_chunks_gives_the_features_and_ids_of_the_whole_batch(
+    tiny_model, monkeypatch, autocast
+):
+    """On a CPU without gradients the ResNet runs a few images per call: same features, same captions."""
+    pixel_values = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    calls = []
+    hook = tiny_model.encoder.resnet.register_forward_hook(
+        lambda module, args, out: calls.append(len(args[0]))
+    )
+    # a chunk small enough that these 7 small pictures need several calls
+    monkeypatch.setattr(fast_decoding, "CPU_ENCODER_CHUNK_BYTES", 1)
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            chunked = tiny_model.encoder(pixel_values).last_hidden_state
+            chunked_ids = tiny_model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=6)
+            chunk_calls = list(calls)
+            calls.clear()
+            tiny_model.encoder.fast_inference = False
+            whole = tiny_model.encoder(pixel_values).last_hidden_state
+            whole_ids = tiny_model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=6)
+    finally:
+        tiny_model.encoder.fast_inference = True
+        hook.remove()
+    assert chunk_calls[:7] == [1] * 7 and calls == [7, 7]  # one picture a call against the whole batch
+    torch.testing.assert_close(chunked, whole, atol=1e-5 if not autocast else 2e-2, rtol=0)
+    assert torch.equal(chunked_ids, whole_ids)
+
+
+def test_the_encoder_runs_the_whole_batch_when_training_or_recording_gradients(tiny_model, monkeypatch):
+    """Batch norm in training mode normalises by the batch's statistics: chunks would change them."""
+    pixel_values = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    calls = []
+    hook = tiny_model.encoder.resnet.register_forward_hook(
+        lambda module, args, out: calls.append(len(args[0]))
+    )
+    monkeypatch.setattr(fast_decoding, "CPU_ENCODER_CHUNK_BYTES", 1)
+    try:
+        tiny_model.encoder(pixel_values)  # gradients recorded
+        tiny_model.encoder.train()
+        with torch.no_grad():
+            tiny_model.encoder(pixel_values)  # training mode
+    finally:
+        tiny_model.encoder.eval()
+        hook.remove()
+    assert calls == [4, 4]
