@@ -33,6 +33,7 @@ except ImportError:
     # compat-marked tests run there, and none of them needs datasets.
     collect_ignore = [
         "test_app.py",
+        "test_bench_search.py",
         "test_data.py",
         "test_dataset_options.py",
         "test_evaluate_script.py",
