@@ -45,6 +45,7 @@ def test_folder_contents(saved_folder):
         "preprocessor_config.json",
         "configuration_show_attend_tell.py",
         "modeling_show_attend_tell.py",
+        "cache_show_attend_tell.py",
         "tokenization_show_attend_tell.py",
         "image_processing_show_attend_tell.py",
         "processing_show_attend_tell.py",
@@ -498,6 +499,7 @@ def test_a_sharded_index_naming_a_missing_shard_is_refused(clean_folder, tmp_pat
 CODE_FILES = [
     "configuration_show_attend_tell",
     "modeling_show_attend_tell",
+    "cache_show_attend_tell",
     "tokenization_show_attend_tell",
     "image_processing_show_attend_tell",
     "processing_show_attend_tell",
