@@ -182,11 +182,20 @@ class Trainer:
             self.model.encoder, self.grid_shape, cache, lambda: precision(dtype, self.device)
         )
 
-    def decoder_step(self, features: torch.Tensor, batch: dict, dtype: str) -> float:
-        """Forward, loss, backward, clip, Adam: what scripts/train.py does with a frozen encoder."""
+    def decoder_step(
+        self, features: torch.Tensor, batch: dict, dtype: str, skip_padding: bool = True
+    ) -> float:
+        """
+        Forward, loss, backward, clip, Adam: what scripts/train.py does with a frozen encoder.
+        `skip_padding=False` decodes the padded steps too (a forward asked for its decoding state computes
+        every step, since the state of captions that ended early would be lost otherwise): the loss is the
+        same, only the time differs.
+        """
         input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
         with precision(dtype, self.device):
-            outputs = self.model(encoder_outputs=(features,), input_ids=input_ids, labels=labels)
+            outputs = self.model(
+                encoder_outputs=(features,), input_ids=input_ids, labels=labels, use_cache=not skip_padding
+            )
         outputs.loss.backward()
         torch.nn.utils.clip_grad_value_(self.params, GRAD_CLIP)
         self.optimizer.step()
@@ -233,6 +242,45 @@ class Trainer:
         self.decoder_step(features, batch, dtype)
         synchronize(self.device)
         return middle - start, time.perf_counter() - middle
+
+
+def measure_padded_steps(
+    args: argparse.Namespace, trainer: Trainer, batches: Batches, cache: FeatureCache, dtype: str
+) -> dict:
+    """
+    What skipping the padded steps buys (`ShowAttendTellDecoder._forward_by_length`): the cached variant's
+    decoder step with and without it, back to back in alternating order, on the same batches. Ratio = time
+    without / time with; `padding` = the share of a batch padded to its longest caption that is padding.
+    """
+    times = {True: [], False: []}
+    ratios, padding = [], []
+    for round_index in range(args.warmup + args.steps):
+        batch = batches.collate(round_index, cache)
+        features = trainer.frozen_features(dtype, cache)(batch, trainer.device)
+        steps = (batch["labels"] != -100) & (batch["labels"] != 0)
+        lengths = (steps * torch.arange(1, steps.shape[1] + 1)).amax(dim=1)
+        order = [True, False] if round_index % 2 == 0 else [False, True]
+        seconds = {}
+        for skip in order:
+            synchronize(trainer.device)
+            start = time.perf_counter()
+            trainer.decoder_step(features, batch, dtype, skip_padding=skip)
+            synchronize(trainer.device)
+            seconds[skip] = time.perf_counter() - start
+        if round_index >= args.warmup:
+            for skip in order:
+                times[skip].append(seconds[skip])
+            ratios.append(seconds[False] / seconds[True])
+            padding.append(1.0 - float(lengths.sum()) / (lengths.numel() * float(lengths.max())))
+    return {
+        "dtype": dtype,
+        "decoder_s_skipping": median(times[True]),
+        "decoder_s_padded": median(times[False]),
+        "ratio": median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "padding": median(padding),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -581,6 +629,14 @@ def main(argv: list[str] | None = None) -> dict:
             variants += [(f"ours_{dtype}", "ours", dtype), (f"cached_{dtype}", "cached", dtype)]
         runs, ratios = time_variants(args, trainer, batches, cache, variants, captions_per_batch)
         table = report_table(args, settings, variants, runs, ratios)
+        padded_steps = [measure_padded_steps(args, trainer, batches, cache, dtype) for dtype in args.dtypes]
+        print("\nSkipping padded steps (cached features, decoder step with / without it, alternating):")
+        for piece in padded_steps:
+            print(
+                f"  {piece['dtype']}: {piece['ratio']:.2f}x [{piece['ratio_min']:.2f}, {piece['ratio_max']:.2f}] "
+                f"({piece['decoder_s_padded']:.3f} s -> {piece['decoder_s_skipping']:.3f} s; "
+                f"{piece['padding']:.0%} of the padded batch is padding)"
+            )
         per_image = cache_info["bytes_per_image"]
         print(
             f"\nFeature cache: {'x'.join(map(str, grid_shape))} float16 = {per_image / 1024:.1f} KiB per image "
@@ -603,6 +659,7 @@ def main(argv: list[str] | None = None) -> dict:
             "settings": settings,
             "table": table,
             "runs": runs,
+            "padded_steps": padded_steps,
             "ratios_per_step": ratios,
             "feature_cache": cache_info,
             "check": check,

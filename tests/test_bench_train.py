@@ -70,3 +70,10 @@ def test_bench_train_quick_prints_ratios_and_writes_json(tmp_path):
     assert cache["bytes_per_image"] == 16 * 4 * 4 * 2  # tiny: 16 channels on a 4 x 4 grid, float16
     assert cache["flickr30k_bytes"] == cache["bytes_per_image"] * 29_000
     assert result["check"]["cached_features_identical"] is True
+    # what skipping padded steps buys, per precision, with the batch's share of padding
+    assert "Skipping padded steps" in out
+    pieces = {piece["dtype"]: piece for piece in result["padded_steps"]}
+    assert set(pieces) == {"fp32", "bf16"}
+    for piece in pieces.values():
+        assert piece["ratio"] > 0 and piece["decoder_s_padded"] > 0 and piece["decoder_s_skipping"] > 0
+        assert 0.0 < piece["padding"] < 0.5  # 15 +- 2 steps: some padding, never most of the batch
