@@ -28,9 +28,10 @@ timeout 200 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPE
 timeout 150 python3 benchmarks/bench_generate.py --device cuda --repeats "${REPEATS:-3}" --batch-size 1024 \
     --skip-peer --skip-memory --json-out "$out/bench_generate_gpu_1024.json" 2>&1 \
     | tee "$out/bench_generate_gpu_1024.log" || status=1
-# what each piece of the fast path buys there, with and without it (captured steps, i.e. CUDA graphs, included)
+# what each piece of the fast path buys there, with and without it, captured steps included (the step compiled
+# with torch.compile(mode="reduce-overhead"), i.e. CUDA graphs; compiling it lengthens the warm-up)
 for batch in 256 1024; do
-    timeout 150 python3 benchmarks/bench_generate.py --device cuda --pieces-only --repeats "${REPEATS:-3}" \
+    timeout 240 python3 benchmarks/bench_generate.py --device cuda --pieces-only --repeats "${REPEATS:-3}" \
         --batch-size "$batch" --json-out "$out/bench_generate_gpu_pieces_$batch.json" 2>&1 \
         | tee "$out/bench_generate_gpu_pieces_$batch.log" || status=1
 done

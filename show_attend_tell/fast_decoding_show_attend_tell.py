@@ -16,8 +16,10 @@ What it does differently from the plain step, each measured in `benchmarks/` (wi
 - the rows of one image that read the same words (the beams at generate()'s first step) computed once;
 - under bf16 autocast: float32 LSTM state, attention and cell, and the logits of each row's `2 x num_beams`
   likeliest words (the only ones beam search can pick from that row) recomputed in float32;
-- captured steps (`decoder.capture_steps`, off by default, for CUDA devices; not yet measured on a GPU): each
-  step shape recorded once as a CUDA graph and replayed.
+- captured steps (`decoder.capture_steps`, off by default, meant for CUDA devices; not yet measured on a GPU):
+  every step after the first runs the same step compiled by torch, `torch.compile(mode="reduce-overhead")`
+  (`compiled_step`), which on a GPU records each step shape once as a CUDA graph and replays it; on a CPU
+  inductor compiles the step and no graph is used.
 
 Nothing here is global or keyed by object ids: what is prepared for a decoder lives in its
 `inference_memo` (dropped by copies and pickles), what is prepared for one decoding in its cache.
@@ -26,8 +28,6 @@ Nothing here is global or keyed by object ids: what is prepared for a decoder li
 from __future__ import annotations
 
 import functools
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -43,9 +43,6 @@ PACKED_BF16_PRODUCTS = (
 )
 # Rows of one image that read the same words (every beam at generate()'s first step) are computed once.
 SHARE_IDENTICAL_ROWS = True
-# Captured steps kept per decoder, one per step shape, the least recently used dropped first: a collection's
-# full batches and its last one. Each holds its own copy of the image features and keys and the step's outputs.
-CAPTURED_STEPS_KEPT = 2
 
 
 class InferenceCache(ShowAttendTellCache):
@@ -67,12 +64,14 @@ class InferenceCache(ShowAttendTellCache):
 
 
 class _DecoderMemo:
-    """What a decoder keeps between decodings: its prepared weights and its captured steps."""
+    """What a decoder keeps between decodings: its prepared weights and, with `capture_steps`, its compiled step
+    (made for `compiled_weights`, the prepared weights it reads)."""
 
     def __init__(self) -> None:
         self.weights_key: tuple | None = None
         self.weights: InferenceWeights | None = None
-        self.captured_steps: OrderedDict[tuple, CapturedStep] = OrderedDict()
+        self.compiled_step: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self.compiled_weights: InferenceWeights | None = None
 
 
 def _memo(decoder) -> _DecoderMemo:
@@ -216,8 +215,10 @@ class InferenceWeights:
 def inference_weights(decoder, dtype: torch.dtype) -> InferenceWeights:
     """The decoder's prepared weights for `dtype`, remade when a parameter is replaced, moved or modified in
     place (which bumps its version counter). Prepacked where `PACKED_BF16_PRODUCTS` (the benchmark turns it off
-    to measure what it buys)."""
-    prepack = PACKED_BF16_PRODUCTS
+    to measure what it buys), except with `capture_steps`: inductor compiles oneDNN's products of packed weights
+    only for weights it packed itself (graph constants, under its `freezing` option), not for weights passed in,
+    so the compiled step multiplies plain matrices."""
+    prepack = PACKED_BF16_PRODUCTS and not decoder.capture_steps
     key = (
         dtype,
         prepack,
@@ -226,6 +227,7 @@ def inference_weights(decoder, dtype: torch.dtype) -> InferenceWeights:
     memo = _memo(decoder)
     if memo.weights_key != key:
         memo.weights, memo.weights_key = InferenceWeights(decoder, dtype, prepack), key
+        memo.compiled_step = memo.compiled_weights = None  # it read the weights just replaced
     return memo.weights
 
 
@@ -242,7 +244,6 @@ def compute_dtype(decoder, device_type: str) -> torch.dtype:
 
 
 def inference_step(
-    decoder,
     input_ids: torch.LongTensor,
     keys: torch.Tensor,
     compute_features: torch.Tensor,
@@ -251,12 +252,15 @@ def inference_step(
     weights: InferenceWeights,
     scratch: torch.Tensor | None,
     exact_logits: int,
+    fused_scores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """
     `ShowAttendTellDecoder.step` and the output layer for inference: input_ids (rows,), keys (images,
     num_pixels, attention_dim) float32, compute_features (images, num_pixels, encoder_dim) in the compute
     dtype, hidden and cell (rows, decoder_dim) float32 -> logits, alpha, hidden, cell, scratch. In a low
     precision, the `exact_logits` largest logits of each row are computed in float32 (`exact_top_logits`).
+    The attention scores are written into `scratch` (`attention_scores_into`), or with `fused_scores`
+    compiled into one kernel (`fused_attention_scores`).
     The LSTM cell is `nn.LSTMCell`'s equations on the stacked products: `torch._VF.lstm_cell` would repeat
     the recurrent product that the stacked one already did.
     """
@@ -265,7 +269,11 @@ def inference_step(
     # attention query, gate and recurrent term of the LSTM: one product
     from_hidden = weights.product("hidden", hidden.to(weights.dtype), weights.hidden_bias)
     query = from_hidden[:, :attention_dim].float().view(images, rows // images, attention_dim)
-    if decoder.fuse_attention_scores:
+    if torch.compiler.is_compiling():
+        # the whole step is being compiled (`compiled_step`): inductor fuses the plain expression itself, and a
+        # buffer kept from call to call would only be in its way
+        scores = attention_scores(keys, query, weights.score_weight, weights.score_bias)
+    elif fused_scores:
         scores = fused_attention_scores(keys, query, weights.score_weight, weights.score_bias)
     else:
         scores, scratch = attention_scores_into(
@@ -303,121 +311,50 @@ def exact_top_logits(
 
 
 # --------------------------------------------------------------------------------------------------
-# Captured steps (CUDA graphs)
+# Captured steps: the step compiled by torch (CUDA graphs on a GPU)
 # --------------------------------------------------------------------------------------------------
 
 
-class CapturedStep:
+def compiled_step(decoder, weights: InferenceWeights) -> Callable[..., tuple[torch.Tensor, ...]]:
     """
-    One decoding step of a fixed shape, recorded once as a CUDA graph and replayed at every step
-    (`decoder.capture_steps`): one launch instead of the step's few dozen kernels.
+    `inference_step` with these prepared weights, compiled with `torch.compile(mode="reduce-overhead",
+    dynamic=False)` (`decoder.capture_steps`): (input_ids, keys, compute_features, hidden, cell, exact_logits)
+    -> logits, alpha, hidden, cell. On a GPU torch records each step shape once as a CUDA graph and replays it
+    (one launch instead of the step's few dozen kernels); a replay writes its outputs where the previous replay
+    wrote its own, so the caller copies what it keeps. On a CPU inductor compiles the step (a C++ compiler is
+    needed) and no graph is used.
 
-    A graph reads and writes fixed addresses, so the step has buffers of its own: `run` copies the state,
-    the words and (for a new decoding) the image keys and features in, replays the graph, and returns copies
-    of its outputs, which the next replay overwrites. On other devices `run` computes the same step eagerly
-    on the same buffers: no faster, but the same path, so that it is tested wherever the tests run.
+    One compiled function per decoder, kept in its memo and made again when its prepared weights are. Each step
+    shape (images, rows) and dtype is compiled once, as a CUDA graph is recorded once per shape. Torch compiles
+    the step's code at most `torch._dynamo.config.recompile_limit` times (8) in a process, all decoders
+    together, and runs further shapes uncompiled.
     """
+    memo = _memo(decoder)
+    if memo.compiled_step is None or memo.compiled_weights is not weights:
+        if weights.embedding.device.type == "cuda":
+            # CUDA graphs copy their inputs into memory of their own at every replay, except those marked as
+            # staying where they are: the weights do, for as long as this function lives (a step whose weights
+            # moved is recorded again)
+            for tensor in vars(weights).values():
+                if isinstance(tensor, torch.Tensor):
+                    torch._dynamo.mark_static_address(tensor, guard=False)
 
-    def __init__(
-        self,
-        decoder,
-        weights: InferenceWeights,
-        exact_logits: int,
-        input_ids: torch.LongTensor,
-        keys: torch.Tensor,
-        compute_features: torch.Tensor,
-        hidden: torch.Tensor,
-        cell: torch.Tensor,
-    ) -> None:
-        self.weights = weights
-        # Ordinary tensors, not inference tensors: later calls may run outside `torch.inference_mode()`,
-        # where inference tensors cannot be written to.
-        with torch.inference_mode(False), torch.no_grad():
-            self.input_ids, self.hidden, self.cell = input_ids.clone(), hidden.clone(), cell.clone()
-            self.keys, self.features = keys.clone(), compute_features.clone()
-            self.keys_source = weakref.ref(keys)  # whose keys and features the buffers hold
+        def step(
+            input_ids: torch.LongTensor,
+            keys: torch.Tensor,
+            compute_features: torch.Tensor,
+            hidden: torch.Tensor,
+            cell: torch.Tensor,
+            exact_logits: int,
+        ) -> tuple[torch.Tensor, ...]:
+            outputs = inference_step(
+                input_ids, keys, compute_features, hidden, cell, weights, None, exact_logits
+            )
+            return outputs[:4]
 
-            def step() -> tuple[torch.Tensor, ...]:
-                with torch.autocast(keys.device.type, enabled=False):
-                    outputs = inference_step(
-                        decoder, self.input_ids, self.keys, self.features, self.hidden, self.cell, weights,
-                        None, exact_logits,
-                    )  # fmt: skip
-                return outputs[:4]
-
-            self.step, self.graph = step, None
-            if keys.device.type == "cuda":
-                # Lazy initialisation (cuBLAS workspaces, compiled kernels) must happen before the capture,
-                # on a side stream as CUDA graphs require.
-                side = torch.cuda.Stream(keys.device)
-                side.wait_stream(torch.cuda.current_stream(keys.device))
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        step()
-                torch.cuda.current_stream(keys.device).wait_stream(side)
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.outputs = step()
-            else:
-                self.outputs = step()
-
-    def run(
-        self,
-        input_ids: torch.LongTensor,
-        keys: torch.Tensor,
-        compute_features: torch.Tensor,
-        hidden: torch.Tensor,
-        cell: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step for these inputs: logits, alpha, hidden, cell (fresh tensors)."""
-        if self.keys_source() is not keys:  # another decoding used the buffers since
-            self.keys.copy_(keys)
-            self.features.copy_(compute_features)
-            self.keys_source = weakref.ref(keys)
-        self.input_ids.copy_(input_ids)
-        self.hidden.copy_(hidden)
-        self.cell.copy_(cell)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            for output, value in zip(self.outputs, self.step(), strict=True):
-                output.copy_(value)
-        return tuple(output.clone() for output in self.outputs)
-
-
-def run_captured_step(
-    decoder,
-    weights: InferenceWeights,
-    exact_logits: int,
-    input_ids: torch.LongTensor,
-    keys: torch.Tensor,
-    compute_features: torch.Tensor,
-    hidden: torch.Tensor,
-    cell: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`inference_step` through the captured step of this shape, recorded on first use."""
-    key = (
-        input_ids.shape[0],
-        tuple(keys.shape),
-        tuple(compute_features.shape),
-        compute_features.dtype,
-        exact_logits,
-        decoder.fuse_attention_scores,
-        keys.device,
-    )
-    captured_steps = _memo(decoder).captured_steps
-    if any(captured.weights is not weights for captured in captured_steps.values()):
-        captured_steps.clear()  # the weights changed: the steps recorded with the old ones are of no use
-    captured = captured_steps.get(key)
-    if captured is None:
-        captured = CapturedStep(
-            decoder, weights, exact_logits, input_ids, keys, compute_features, hidden, cell
-        )
-        captured_steps[key] = captured
-        while len(captured_steps) > CAPTURED_STEPS_KEPT:
-            captured_steps.popitem(last=False)
-    captured_steps.move_to_end(key)
-    return captured.run(input_ids, keys, compute_features, hidden, cell)
+        memo.compiled_step = torch.compile(step, mode="reduce-overhead", dynamic=False)
+        memo.compiled_weights = weights
+    return memo.compiled_step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,17 +422,24 @@ def inference_forward(
         rows_per_image or rows // keys.shape[0]
     )  # beam search picks among 2 x num_beams words
 
-    if decoder.capture_steps and steps == 1 and cache.seq_length > 0:  # every step after the first
-        logits, alpha, hidden, cell = run_captured_step(
-            decoder, weights, exact_logits, input_ids[:, 0], keys, compute_features, hidden, cell
-        )
-        all_logits, all_alphas, all_hidden = [logits], [alpha], [hidden]
-    else:
-        all_logits, all_alphas, all_hidden = [], [], []
-        with torch.autocast(device_type, enabled=False):
+    all_logits, all_alphas, all_hidden = [], [], []
+    with torch.autocast(device_type, enabled=False):
+        if decoder.capture_steps and steps == 1 and cache.seq_length > 0:  # every step after the first
+            step = compiled_step(decoder, weights)
+            # A new step begins: the previous replay's outputs may be overwritten, and this one's are copied
+            # out, since the caller keeps them (logits and attention in its outputs, the state in the cache).
+            torch.compiler.cudagraph_mark_step_begin()
+            # generate() passes the last column of its growing ids, whose stride grows with it: a step compiled
+            # for fixed shapes would be compiled again at every step
+            words = input_ids[:, 0].contiguous()
+            outputs = step(
+                words, keys, compute_features, hidden.contiguous(), cell.contiguous(), exact_logits
+            )
+            logits, alpha, hidden, cell = (output.clone() for output in outputs)
+            all_logits, all_alphas, all_hidden = [logits], [alpha], [hidden]
+        else:
             for t in range(steps):
                 logits, alpha, hidden, cell, scratch = inference_step(
-                    decoder,
                     input_ids[:, t],
                     keys,
                     compute_features,
@@ -504,6 +448,7 @@ def inference_forward(
                     weights,
                     scratch,
                     exact_logits,
+                    decoder.fuse_attention_scores,
                 )
                 all_logits.append(logits)
                 all_alphas.append(alpha)
