@@ -366,10 +366,6 @@ def fast_path_pieces(
                 functools.partial(_attention_scores_into_fresh_memory, fast_decoding.attention_scores_into),
             ),
         ),
-        "identical rows computed once": (
-            "every beam at the first step",
-            lambda: _setting(fast_decoding, "SHARE_IDENTICAL_ROWS", False),
-        ),
         "float32 logits of the likeliest words": (
             "bf16 exactness, a cost (ratio < 1 means it costs)",
             lambda: _setting(fast_decoding, "exact_top_logits", lambda logits, *args: logits.float()),
@@ -445,43 +441,7 @@ def measure_pieces(captioner: Captioner, features, pixel_values, args, device: t
             return f"{statistics.median(ratios):.3f} [{min(ratios):.2f}, {max(ratios):.2f}]"
 
         print(f"  {name:<56} {cell(decoder_ratios):>24} {cell(e2e_ratios):>24}   ({what})")
-    if device.type == "cpu":
-        results[ENCODER_CHUNKS] = measure_encoder_chunks(captioner, features, pixel_values, args, device)
     return results
-
-
-ENCODER_CHUNKS = "encoder a few images per call (CPU)"
-
-
-def measure_encoder_chunks(captioner: Captioner, features, pixel_values, args, device: torch.device) -> dict:
-    """
-    The encoder's piece (`encode_grid_in_chunks`): the encoder with and without it, interleaved, and the
-    decoder once per repetition; end to end is (encoder without + decoder) / (encoder with + decoder).
-    """
-    encoder = captioner.model.encoder
-    times = {"with": [], "without": [], "decoder": []}
-    for repeat in range(args.repeats):
-        for which in ("with", "without") if repeat % 2 == 0 else ("without", "with"):
-            with _setting(encoder, "fast_inference", which == "with"):
-                seconds, _ = timed(lambda: captioner.ours_encoder(pixel_values, args.dtype), device)
-            times[which].append(seconds)
-        seconds, _ = timed(lambda: captioner.ours_decoder(features, args.dtype), device)
-        times["decoder"].append(seconds)
-    encoder_ratios = [o / w for w, o in zip(times["with"], times["without"], strict=True)]
-    e2e_ratios = [
-        (o + d) / (w + d) for w, o, d in zip(times["with"], times["without"], times["decoder"], strict=True)
-    ]
-    what = "the whole batch in one ResNet call"
-    encoder_cell = f"encoder {statistics.median(encoder_ratios):.3f}"
-    print(f"  {ENCODER_CHUNKS:<56} {encoder_cell:>24} {statistics.median(e2e_ratios):>24.3f}   ({what})")
-    return {
-        "switch": what,
-        "encoder_ratio": statistics.median(encoder_ratios),
-        "end_to_end_ratio": statistics.median(e2e_ratios),
-        "encoder_ratios": encoder_ratios,
-        "end_to_end_ratios": e2e_ratios,
-        "seconds": times,
-    }
 
 
 def rows_to_captions(ids: torch.Tensor, eos: int) -> list[list[int]]:

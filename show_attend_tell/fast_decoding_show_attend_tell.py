@@ -1,9 +1,7 @@
 """
 The fast inference path of the decoder: the same function as `ShowAttendTellDecoder.step`, computed faster
 when no gradients are recorded. The model enters it from one place, `ShowAttendTellDecoder.forward`
-(`inference_forward` below); with `decoder.fast_inference = False` it computes the plain step instead. The
-encoder has one piece here too, entered from `ShowAttendTellEncoder.encode_grid` on a CPU
-(`encode_grid_in_chunks`: a few images per ResNet call; `encoder.fast_inference = False` turns it off).
+(`inference_forward` below); with `decoder.fast_inference = False` it computes the plain step instead.
 
 What it does differently from the plain step, each measured in `benchmarks/` (with and without, same run):
 
@@ -13,7 +11,6 @@ What it does differently from the plain step, each measured in `benchmarks/` (wi
 - the attention scores written into one buffer reused from step to step (`attention_scores_into`), or
   compiled into one kernel with `torch.compile` (`decoder.fuse_attention_scores`, off by default: the first
   call compiles);
-- the rows of one image that read the same words (the beams at generate()'s first step) computed once;
 - under bf16 autocast: float32 LSTM state, attention and cell, and the logits of each row's `2 x num_beams`
   likeliest words (the only ones beam search can pick from that row) recomputed in float32;
 - captured steps (`decoder.capture_steps`, off by default, meant for CUDA devices; not yet measured on a GPU):
@@ -41,8 +38,6 @@ PACKED_BF16_PRODUCTS = (
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 )
-# Rows of one image that read the same words (every beam at generate()'s first step) are computed once.
-SHARE_IDENTICAL_ROWS = True
 
 
 class InferenceCache(ShowAttendTellCache):
@@ -367,28 +362,9 @@ def inference_forward(
     input_ids: torch.LongTensor,
     features: torch.Tensor,
     cache: ShowAttendTellCache | None,
-    rows_per_image: int | None = None,
 ) -> DecoderOutput:
-    """
-    `ShowAttendTellDecoder.forward` without gradients: the same outputs, computed as described above.
-    `rows_per_image`: how many rows each image has (beams), when `input_ids` holds one row per image.
-    """
+    """`ShowAttendTellDecoder.forward` without gradients: the same outputs, computed as described above."""
     rows, steps = input_ids.shape
-    if cache is None:
-        images = features.shape[0]
-        copies = rows // images
-        grouped = input_ids.view(images, copies, steps)
-        if SHARE_IDENTICAL_ROWS and copies > 1 and bool((grouped == grouped[:, :1]).all()):
-            # Every row of an image reads the same words (generate's first step: <start> for every beam):
-            # decode one row per image and copy the results.
-            one = inference_forward(decoder, grouped[:, 0], features, None, copies)
-            one.cache.repeat_rows(copies)
-            return DecoderOutput(
-                one.logits.repeat_interleave(copies, dim=0),
-                one.alphas.repeat_interleave(copies, dim=0),
-                one.lstm_outputs.repeat_interleave(copies, dim=0),
-                one.cache,
-            )
     device_type = input_ids.device.type
     dtype = compute_dtype(decoder, device_type)
     weights = getattr(cache, "inference_weights", None)
@@ -410,17 +386,16 @@ def inference_forward(
             ones = compute_features.new_ones(1, 1, compute_features.shape[1])
             mean_features = torch.matmul(ones, compute_features).squeeze(1).float() / ones.shape[-1]
             hidden, cell = F.linear(mean_features, weights.init_weight, weights.init_bias).chunk(2, dim=1)
+        rows_per_image = rows // features.shape[0]
         cache = ShowAttendTellCache(
             features,
             keys,
-            hidden.repeat_interleave(rows // images, 0),
-            cell.repeat_interleave(rows // images, 0),
+            hidden.repeat_interleave(rows_per_image, 0),
+            cell.repeat_interleave(rows_per_image, 0),
         )
     keys = cache.projected_features.float()
     hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), getattr(cache, "scratch", None)
-    exact_logits = 2 * (
-        rows_per_image or rows // keys.shape[0]
-    )  # beam search picks among 2 x num_beams words
+    exact_logits = 2 * (rows // keys.shape[0])  # beam search picks among 2 x num_beams words
 
     all_logits, all_alphas, all_hidden = [], [], []
     with torch.autocast(device_type, enabled=False):
@@ -462,30 +437,3 @@ def inference_forward(
     else:
         stacked = [torch.stack(values, dim=1) for values in (all_logits, all_alphas, all_hidden)]
     return DecoderOutput(*stacked, new_cache)
-
-
-# --------------------------------------------------------------------------------------------------
-# The encoder on a CPU
-# --------------------------------------------------------------------------------------------------
-
-# A ResNet's activations for a whole batch outgrow a CPU's caches, and glibc's allocator returns every freed
-# tensor above 32 MB to the kernel, so each layer's output would be mapped, zeroed and faulted in afresh. A
-# few images per ResNet call keep the largest activation near this size (bf16, 256 px: 8 images a call).
-CPU_ENCODER_CHUNK_BYTES = 16 * 2**20
-
-
-def encode_grid_in_chunks(resnet: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """
-    The ResNet's last feature map, (images, encoder_dim, H/32, W/32), computed a few images per call: the
-    same features as one call for the whole batch (tested), about 1.2x faster for a batch of 32 at 256 px
-    on a 2-core CPU (`benchmarks/README.md`).
-    """
-    config = resnet.config
-    pixels = pixel_values.shape[-2] * pixel_values.shape[-1]
-    # the largest activations: the stem's convolution (H/2 x W/2) and the first stage (H/4 x W/4)
-    elements = max(config.embedding_size * pixels // 4, config.hidden_sizes[0] * pixels // 16)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else pixel_values.dtype
-    chunk = max(1, CPU_ENCODER_CHUNK_BYTES // max(1, elements * torch.empty((), dtype=dtype).element_size()))
-    if chunk >= pixel_values.shape[0]:
-        return resnet(pixel_values, return_dict=True).last_hidden_state
-    return torch.cat([resnet(part, return_dict=True).last_hidden_state for part in pixel_values.split(chunk)])

@@ -19,8 +19,7 @@ image during `generate()`. Rows are grouped by image in `repeat_interleave` orde
 k - 1` belong to image `i`), so an image's features and their projection `W_e a` are stored once.
 
 Inference without gradients takes a faster route through the same function, kept in
-`fast_decoding_show_attend_tell.py` and entered from one place in the decoder (`ShowAttendTellDecoder.forward`)
-and one in the encoder (`ShowAttendTellEncoder.encode_grid`, on a CPU).
+`fast_decoding_show_attend_tell.py` and entered from one place, `ShowAttendTellDecoder.forward`.
 """
 
 from __future__ import annotations
@@ -103,9 +102,6 @@ class ShowAttendTellEncoder(ShowAttendTellPreTrainedModel):
         super().__init__(config)
         self.resnet = ResNetModel(config.encoder_config)
         self.adaptive_pool = nn.AdaptiveAvgPool2d((config.encoded_image_size, config.encoded_image_size))
-        # Without gradients on a CPU, the ResNet runs a few images at a time (same features, faster; see
-        # `fast_decoding_show_attend_tell.encode_grid_in_chunks`); False runs the whole batch at once.
-        self.fast_inference = True
         self.post_init()
 
     def forward(
@@ -136,16 +132,6 @@ class ShowAttendTellEncoder(ShowAttendTellPreTrainedModel):
         self, pixel_values: torch.FloatTensor, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The ResNet's last feature map at its native resolution, (images, encoder_dim, H/32, W/32)."""
-        inference = not self.training and not torch.is_grad_enabled()  # batch norm then uses its statistics
-        if (
-            self.fast_inference
-            and inference
-            and not output_hidden_states
-            and pixel_values.device.type == "cpu"
-        ):
-            from .fast_decoding_show_attend_tell import encode_grid_in_chunks  # the encoder's one entry
-
-            return encode_grid_in_chunks(self.resnet, pixel_values), None
         outputs = self.resnet(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         return outputs.last_hidden_state, outputs.hidden_states
 
@@ -258,8 +244,9 @@ class ShowAttendTellDecoder(nn.Module):
 
     Inference (eval mode without gradients: `generate()`, evaluation) computes the same function through
     `fast_decoding_show_attend_tell.inference_forward` while `fast_inference` is True (the default); its
-    options `fuse_attention_scores` (torch.compile'd attention scores) and `capture_steps` (CUDA graphs) are
-    off by default and described there.
+    options `fuse_attention_scores` (the attention scores compiled with `torch.compile`) and `capture_steps`
+    (every step after the first compiled with `torch.compile(mode="reduce-overhead")`: CUDA graphs recorded
+    and replayed by torch on a GPU) are off by default and described there.
     """
 
     def __init__(self, config: ShowAttendTellConfig) -> None:
@@ -275,10 +262,10 @@ class ShowAttendTellDecoder(nn.Module):
         self.fast_inference = True
         self.fuse_attention_scores = False
         self.capture_steps = False
-        self.inference_memo = None  # the fast path's prepared weights and captured steps; copies drop it
+        self.inference_memo = None  # the fast path's prepared weights and compiled step; copies drop it
 
     def __getstate__(self) -> dict:
-        # the memo is rebuilt on demand, and may hold what cannot be copied (CUDA graphs)
+        # the memo is rebuilt on demand, and may hold what cannot be copied (oneDNN-packed weights, a compiled function)
         return {**super().__getstate__(), "inference_memo": None}
 
     def initial_state(self, features: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
