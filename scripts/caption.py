@@ -123,8 +123,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--capture-steps",
         action="store_true",
-        help="on a GPU, record each decoding step once as a CUDA graph and replay it (same captions; every row "
-        "is decoded to the end)",
+        help="on a GPU, compile the decoding step with torch.compile(mode='reduce-overhead'): each step shape "
+        "recorded once as a CUDA graph and replayed (same captions; the first batch of each shape compiles)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)  # images may come before and after the options

@@ -117,8 +117,8 @@ def _add_captioning_options(decoding: argparse._ArgumentGroup) -> None:
     decoding.add_argument(
         "--capture-steps",
         action="store_true",
-        help="on a GPU, record each decoding step once as a CUDA graph and replay it (same captions; every row "
-        "is decoded to the end)",
+        help="on a GPU, compile the decoding step with torch.compile(mode='reduce-overhead'): each step shape "
+        "recorded once as a CUDA graph and replayed (same captions; the first batch of each shape compiles)",
     )
 
 

@@ -432,7 +432,8 @@ def set_decoding_options(
 ) -> None:
     """
     Turns on the decoder's speed options (see `ShowAttendTellDecoder`: `fuse_attention_scores` compiles the
-    attention scores, `capture_steps` replays each decoding step from a CUDA graph) on a loaded model. A
+    attention scores, `capture_steps` compiles the decoding step with `torch.compile(mode="reduce-overhead")`,
+    replayed from CUDA graphs on a GPU) on a loaded model. A
     model loaded with its folder's own code may predate an option: `ValueError` names it.
     """
     decoder = model.get_decoder()
