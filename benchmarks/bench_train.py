@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import calibrate_batchnorm, precision, synchronize
 
 from show_attend_tell import ShowAttendTellForConditionalGeneration
+from show_attend_tell import modeling_show_attend_tell as modeling
 from show_attend_tell.training import (
     CaptionBatchCollator,
     FeatureCache,
@@ -169,6 +170,16 @@ class Batches:
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _setting(owner, name: str, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
 class Trainer:
     """One training step of each variant; each returns (feature seconds, decoder seconds)."""
 
@@ -183,18 +194,23 @@ class Trainer:
         )
 
     def decoder_step(
-        self, features: torch.Tensor, batch: dict, dtype: str, skip_padding: bool = True
+        self, features: torch.Tensor, batch: dict, dtype: str, skip_padding: bool | None = None
     ) -> float:
         """
         Forward, loss, backward, clip, Adam: what scripts/train.py does with a frozen encoder.
-        `skip_padding=False` decodes the padded steps too (a forward asked for its decoding state computes
-        every step, since the state of captions that ended early would be lost otherwise): the loss is the
-        same, only the time differs.
+        `skip_padding`: None lets the model choose (it skips the padded steps from
+        `PADDING_SHARE_WORTH_SKIPPING` of padding on); True always skips them; False decodes them too (a
+        forward asked for its decoding state computes every step, since the state of captions that ended
+        early would be lost otherwise). The loss is the same, only the time differs.
         """
         input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        with precision(dtype, self.device):
+        threshold = 0.0 if skip_padding else modeling.PADDING_SHARE_WORTH_SKIPPING
+        with precision(dtype, self.device), _setting(modeling, "PADDING_SHARE_WORTH_SKIPPING", threshold):
             outputs = self.model(
-                encoder_outputs=(features,), input_ids=input_ids, labels=labels, use_cache=not skip_padding
+                encoder_outputs=(features,),
+                input_ids=input_ids,
+                labels=labels,
+                use_cache=skip_padding is False,
             )
         outputs.loss.backward()
         torch.nn.utils.clip_grad_value_(self.params, GRAD_CLIP)
@@ -249,8 +265,9 @@ def measure_padded_steps(
 ) -> dict:
     """
     What skipping the padded steps buys (`ShowAttendTellDecoder._forward_by_length`): the cached variant's
-    decoder step with and without it, back to back in alternating order, on the same batches. Ratio = time
-    without / time with; `padding` = the share of a batch padded to its longest caption that is padding.
+    decoder step with it forced on and off, back to back in alternating order, on the same batches. Ratio =
+    time without / time with; `padding` = the share of a batch padded to its longest caption that is
+    padding; `model_skips`: whether the model itself skips at that share.
     """
     times = {True: [], False: []}
     ratios, padding = [], []
@@ -280,6 +297,7 @@ def measure_padded_steps(
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "padding": median(padding),
+        "model_skips": median(padding) >= modeling.PADDING_SHARE_WORTH_SKIPPING,
     }
 
 
@@ -635,7 +653,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"  {piece['dtype']}: {piece['ratio']:.2f}x [{piece['ratio_min']:.2f}, {piece['ratio_max']:.2f}] "
                 f"({piece['decoder_s_padded']:.3f} s -> {piece['decoder_s_skipping']:.3f} s; "
-                f"{piece['padding']:.0%} of the padded batch is padding)"
+                f"{piece['padding']:.0%} of the padded batch is padding: the model "
+                f"{'skips' if piece['model_skips'] else 'decodes'} it)"
             )
         per_image = cache_info["bytes_per_image"]
         print(

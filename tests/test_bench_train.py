@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from show_attend_tell.modeling_show_attend_tell import PADDING_SHARE_WORTH_SKIPPING
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "bench_train.py"
 
@@ -77,3 +79,4 @@ def test_bench_train_quick_prints_ratios_and_writes_json(tmp_path):
     for piece in pieces.values():
         assert piece["ratio"] > 0 and piece["decoder_s_padded"] > 0 and piece["decoder_s_skipping"] > 0
         assert 0.0 < piece["padding"] < 0.5  # 15 +- 2 steps: some padding, never most of the batch
+        assert piece["model_skips"] == (piece["padding"] >= PADDING_SHARE_WORTH_SKIPPING)

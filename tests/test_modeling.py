@@ -303,6 +303,45 @@ def test_padding_is_not_decoded_and_training_gradients_are_unchanged(tiny_model,
         torch.testing.assert_close(a, b)
 
 
+def test_a_batch_with_little_padding_decodes_every_row_at_every_step(tiny_model, tokenizer, monkeypatch):
+    """Under `PADDING_SHARE_WORTH_SKIPPING` of padding, skipping it would cost more than it saves: every row
+    runs every step (no gathering of rows), and the loss is the same as when the padding is skipped."""
+    from show_attend_tell import modeling_show_attend_tell as modeling
+    from show_attend_tell.modeling_show_attend_tell import PADDING_SHARE_WORTH_SKIPPING
+
+    captions = [
+        "a red circle left of a blue star",
+        "a blue square right of a star",
+        "a small green star above a circle",
+        "a red star left of a square",
+    ]
+    labels = tokenizer(captions, padding=True, return_tensors="pt")
+    input_ids = labels["input_ids"][:, :-1]
+    targets = labels["input_ids"][:, 1:].masked_fill(labels["attention_mask"][:, 1:] == 0, -100)
+    lengths = (targets != -100).sum(1)
+    padding = 1 - lengths.sum().item() / targets.numel()
+    features = unit_features(2, tiny_model.config, seed=6)
+    rows_per_step, step = [], tiny_model.decoder.step
+
+    def counting_step(embedded, *args):
+        rows_per_step.append(embedded.shape[0])
+        return step(embedded, *args)
+
+    monkeypatch.setattr(tiny_model.decoder, "step", counting_step)
+
+    def loss() -> torch.Tensor:
+        rows_per_step.clear()
+        return tiny_model(encoder_outputs=features, input_ids=input_ids, labels=targets).loss
+
+    few_padded = loss()
+    assert 0 < padding < PADDING_SHARE_WORTH_SKIPPING
+    assert rows_per_step == [4] * input_ids.shape[1]
+    monkeypatch.setattr(modeling, "PADDING_SHARE_WORTH_SKIPPING", padding / 2)  # now worth skipping
+    skipped = loss()
+    assert rows_per_step == [int((lengths > t).sum()) for t in range(int(lengths.max()))]
+    torch.testing.assert_close(few_padded, skipped)
+
+
 def test_a_batch_without_targets_gives_a_nan_loss_not_an_error(tiny_model, tokenizer):
     input_ids, labels = _batch(tokenizer)
     out = tiny_model(
