@@ -614,7 +614,7 @@ class ShowAttendTellForConditionalGeneration(ShowAttendTellPreTrainedModel, Gene
         if not torch.is_autocast_enabled(features.device.type):  # under autocast each op picks its dtype
             features = features.to(self.dtype)
 
-        # 2. decoder (with labels: each row decoded up to its last target, the padding after it skipped)
+        # 2. decoder (with labels it learns where each row's targets end, and may skip the padding after)
         targets = lengths = None
         if labels is not None:
             targets = labels.masked_fill(labels == config.pad_token_id, -100)
