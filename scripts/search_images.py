@@ -50,18 +50,23 @@ PROG = "search_images.py"
 INDEX_COMMANDS = ("build", "add", "remove")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Rank images by how well a text query captions them."
-    )
-    parser.add_argument("queries", nargs="*", help="one or more text queries")
-    parser.add_argument("--model", required=True, help="model folder or Hub repository id")
+def add_trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
+    # hub.add_trust_remote_code_argument's text, written out: answering --help must not import torch
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run the model folder's own code files (*_show_attend_tell.py) instead of this package's classes: "
         "only for folders you trust (default: never)",
     )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Rank images by how well a text query captions them."
+    )
+    parser.add_argument("queries", nargs="*", help="one or more text queries")
+    parser.add_argument("--model", required=True, help="model folder or Hub repository id")
+    add_trust_remote_code_argument(parser)
     parser.add_argument(
         "--index",
         type=Path,
@@ -253,6 +258,7 @@ def parse_index_args(command: str, argv: Sequence[str]) -> argparse.Namespace:
         return args
     parser.add_argument("images", nargs="*", help="image files, folders (scanned recursively), globs or URLs")
     parser.add_argument("--model", required=True, help="model folder or Hub repository id")
+    add_trust_remote_code_argument(parser)
     parser.add_argument("--list", help="a text file with one image path or URL per line")
     parser.add_argument("--dataset", help="index a dataset split instead: a load_caption_dataset source")
     parser.add_argument("--split", default="test", help="the dataset split (default: test)")
@@ -330,7 +336,10 @@ def build_main(command: str, args: argparse.Namespace) -> int:
     is_main = accelerator.is_main_process
     try:
         model, processor = load_model_and_processor(
-            args.model, device=accelerator.device, dtype=getattr(torch, args.dtype)
+            args.model,
+            device=accelerator.device,
+            dtype=getattr(torch, args.dtype),
+            trust_remote_code=args.trust_remote_code,
         )
     except (OSError, UnsafeWeightsError, ValueError) as error:
         return fail(f"cannot load the model: {one_line(error)}", command) if is_main else 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -106,9 +107,16 @@ def test_every_command_line_describes_device_and_remote_code_alike(capsys) -> No
         for name in ("caption", "evaluate_captions", "search_images", "app")
     }
     parsers["serve"] = serve.parse_args
+    for command in ("build", "add"):
+        parsers[f"search_images {command}"] = functools.partial(
+            load_script("search_images").parse_index_args, command
+        )
     for name, parse_args in parsers.items():
         with pytest.raises(SystemExit):
             parse_args(["--help"])
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help to the terminal's width
         assert TRUST_REMOTE_CODE_HELP in text, name
-        assert (DEVICE_HELP in text) == (name != "caption"), name  # caption.py's device is Accelerate's
+        # caption.py's and the index commands' device is Accelerate's
+        assert (DEVICE_HELP in text) == (
+            name not in ("caption", "search_images build", "search_images add")
+        ), name

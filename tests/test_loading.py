@@ -566,6 +566,7 @@ def test_scripts_run_the_folders_code_only_with_trust_remote_code(
     sample_image.save(image)
     caption = load_script("caption")
     evaluate = load_script("evaluate_captions")
+    search_images = load_script("search_images")
     data = synthetic_data_options(tmp_path)
     data += ["--max-samples", "2", "--no-progress", "--num-workers", "0", "--num-beams", "1"]
     data += ["--max-new-tokens", "4", "--device", "cpu", "--metrics", "bleu"]
@@ -577,6 +578,9 @@ def test_scripts_run_the_folders_code_only_with_trust_remote_code(
         captions = capsys.readouterr().out
         assert evaluate.main(["--model", str(folder), *data, *flag]) == 0
         Captioner.from_pretrained(str(folder), device="cpu", trust_remote_code=bool(flag))
+        index = ["build", "--index", str(folder.parent / "index"), "--model", str(folder), str(image)]
+        index += ["--num-beams", "2", "--num-return-sequences", "2", "--max-new-tokens", "4", "--no-progress"]
+        assert search_images.main([*index, *flag]) == 0
         return captions
 
     folder, marks = folder_with_marked_code(clean_folder, tmp_path / "without")
@@ -618,6 +622,7 @@ def test_each_script_says_in_one_line_which_file_is_broken(corruption, clean_fol
     image = tmp_path / "picture.png"
     image.write_bytes(b"")  # never read: the model is refused first
     evaluate = load_script("evaluate_captions")
+    search_images = load_script("search_images")
     push_to_hub = load_script("push_to_hub")
     data = synthetic_data_options(tmp_path)
     runs = {
@@ -627,6 +632,9 @@ def test_each_script_says_in_one_line_which_file_is_broken(corruption, clean_fol
         ),
         "serve": lambda flag: serve.main(["--model", str(folder), *flag]),
         "app.py": lambda flag: load_script("app").main(["--model", str(folder), "--device", "cpu", *flag]),
+        "search_images.py build": lambda flag: search_images.main(
+            ["build", "--index", str(tmp_path / "index"), "--model", str(folder), str(image), *flag]
+        ),
         # push_to_hub.py has no --trust-remote-code: it copies the folder's code files without running them
         "push_to_hub.py": lambda flag: push_to_hub.main(
             ["--model", str(folder), "--repo-id", "me/sat", "--dry-run", str(tmp_path / "hub")]
