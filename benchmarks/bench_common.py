@@ -1,6 +1,10 @@
-"""What both benchmarks need: device synchronisation, the precision context, batch-norm calibration."""
+"""What the benchmarks share: device synchronisation, the precision context, batch-norm calibration, a setting
+changed for the length of a measurement."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -9,6 +13,17 @@ def synchronize(device: torch.device) -> None:
     """Waits for the GPU's queued work, so that a timer measures it (nothing to wait for on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def setting(owner: object, name: str, value: object) -> Iterator[None]:
+    """`owner.name = value` for the length of the block (a piece of speed machinery turned on or off)."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
 
 
 def precision(dtype: str, device: torch.device):

@@ -66,7 +66,7 @@ from transformers.modeling_outputs import BaseModelOutput
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_common import calibrate_batchnorm, precision, synchronize
+from bench_common import calibrate_batchnorm, precision, setting, synchronize
 from reference_beam_search import classic_beam_search
 
 import show_attend_tell.fast_decoding_show_attend_tell as fast_decoding
@@ -325,16 +325,6 @@ class Captioner:
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _setting(owner, name: str, value):
-    old = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, old)
-
-
 def _attention_scores_into_fresh_memory(attention_scores_into, scratch, *args):
     """`attention_scores_into` given no buffer to reuse: the intermediate is allocated at every step."""
     return attention_scores_into(None, *args)
@@ -352,15 +342,15 @@ def fast_path_pieces(
     pieces = {
         "fast path (all of it)": (
             "the plain step instead",
-            lambda: _setting(decoder, "fast_inference", False),
+            lambda: setting(decoder, "fast_inference", False),
         ),
         "prepacked bf16 weights": (
             "oneDNN-prepacked weights (CPU, bf16)",
-            lambda: _setting(fast_decoding, "PACKED_BF16_PRODUCTS", False),
+            lambda: setting(fast_decoding, "PACKED_BF16_PRODUCTS", False),
         ),
         "attention scores in a reused buffer": (
             "fresh memory for the (rows, num_pixels, attention_dim) intermediate at every step",
-            lambda: _setting(
+            lambda: setting(
                 fast_decoding,
                 "attention_scores_into",
                 functools.partial(_attention_scores_into_fresh_memory, fast_decoding.attention_scores_into),
@@ -368,18 +358,18 @@ def fast_path_pieces(
         ),
         "float32 logits of the likeliest words": (
             "bf16 exactness, a cost (ratio < 1 means it costs)",
-            lambda: _setting(fast_decoding, "exact_top_logits", lambda logits, *args: logits.float()),
+            lambda: setting(fast_decoding, "exact_top_logits", lambda logits, *args: logits.float()),
         ),
     }
     if compiled:  # the first call compiles (tens of seconds on a CPU)
         pieces["fused attention scores (torch.compile, off by default)"] = (
             "on instead of off",
-            lambda: _setting(decoder, "fuse_attention_scores", True),
+            lambda: setting(decoder, "fuse_attention_scores", True),
         )
     if device.type == "cuda":  # the step compiled with torch.compile(mode="reduce-overhead"): CUDA graphs
         pieces["captured steps (CUDA graphs, off by default)"] = (
             "on instead of off",
-            lambda: _setting(decoder, "capture_steps", True),
+            lambda: setting(decoder, "capture_steps", True),
         )
     return pieces
 
@@ -875,7 +865,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def pieces() -> dict:
         # at the library's defaults (fused scores off), each piece with and without
-        with _setting(model.decoder, "fuse_attention_scores", False):
+        with setting(model.decoder, "fuse_attention_scores", False):
             return measure_pieces(captioner, features, pixel_values, args, device)
 
     if args.pieces_only:

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_common import calibrate_batchnorm, precision, synchronize
+from bench_common import calibrate_batchnorm, precision, setting, synchronize
 
 from show_attend_tell import ShowAttendTellForConditionalGeneration
 from show_attend_tell import modeling_show_attend_tell as modeling
@@ -170,16 +170,6 @@ class Batches:
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _setting(owner, name: str, value):
-    old = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, old)
-
-
 class Trainer:
     """One training step of each variant; each returns (feature seconds, decoder seconds)."""
 
@@ -205,7 +195,7 @@ class Trainer:
         """
         input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
         threshold = 0.0 if skip_padding else modeling.PADDING_SHARE_WORTH_SKIPPING
-        with precision(dtype, self.device), _setting(modeling, "PADDING_SHARE_WORTH_SKIPPING", threshold):
+        with precision(dtype, self.device), setting(modeling, "PADDING_SHARE_WORTH_SKIPPING", threshold):
             outputs = self.model(
                 encoder_outputs=(features,),
                 input_ids=input_ids,
