@@ -232,8 +232,8 @@ class DecoderOutput(NamedTuple):
     alphas: torch.Tensor
     lstm_outputs: torch.Tensor
     cache: ShowAttendTellCache | None
-    # With `lengths`: the logits of the computed positions (positions, vocab_size) and those positions
-    # as (row index, step index); the loss needs no others.
+    # When the padding was skipped: the logits of the computed positions (positions, vocab_size) and those
+    # positions as (row index, step index); the loss needs no others.
     decoded_logits: torch.Tensor | None = None
     decoded_positions: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -320,8 +320,8 @@ class ShowAttendTellDecoder(nn.Module):
         (as the reference implementation's decode lengths do).
 
         Returns a `DecoderOutput`: logits (rows, steps, vocab_size), alphas (rows, steps, num_pixels), LSTM
-        outputs (rows, steps, decoder_dim), the state after the last step, and with `lengths` the logits of
-        the computed positions only.
+        outputs (rows, steps, decoder_dim), the state after the last step, and, when the padding was skipped,
+        the logits of the computed positions only.
         """
         rows, steps = input_ids.shape
         if cache is None and rows % features.shape[0]:
@@ -356,7 +356,7 @@ class ShowAttendTellDecoder(nn.Module):
             all_hidden.append(hidden)
         lstm_outputs, alphas = torch.stack(all_hidden, dim=1), torch.stack(all_alphas, dim=1)
         logits = self.output_layer(self.dropout(lstm_outputs))
-        if lengths is not None:  # the outputs of skipped padding, whichever way it was decoded: zeros
+        if lengths is not None:  # zeros past each row's end, as when the padding is skipped
             padding = (torch.arange(steps, device=lengths.device) >= lengths.unsqueeze(1)).unsqueeze(-1)
             logits, alphas, lstm_outputs = (x.masked_fill(padding, 0) for x in (logits, alphas, lstm_outputs))
         new_cache = ShowAttendTellCache(
