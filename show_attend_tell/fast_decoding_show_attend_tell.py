@@ -222,7 +222,6 @@ def inference_weights(decoder, dtype: torch.dtype) -> InferenceWeights:
     memo = _memo(decoder)
     if memo.weights_key != key:
         memo.weights, memo.weights_key = InferenceWeights(decoder, dtype, prepack), key
-        memo.compiled_step = memo.compiled_weights = None  # it read the weights just replaced
     return memo.weights
 
 
