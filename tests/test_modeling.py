@@ -157,12 +157,23 @@ def test_set_trainable_stages_freezes_all_but_the_last_stages(tiny_model):
 # --- forward and loss -------------------------------------------------------------------------------
 
 
-def _batch(tokenizer):
-    labels = tokenizer(
-        ["a small red circle", "a blue square right of a star"], padding=True, return_tensors="pt"
-    )
+def _batch(tokenizer, captions=("a small red circle", "a blue square right of a star")):
+    """Decoder inputs and next-word targets (-100 on padding) of `captions`, padded to the longest."""
+    labels = tokenizer(list(captions), padding=True, return_tensors="pt")
     targets = labels["input_ids"][:, 1:].masked_fill(labels["attention_mask"][:, 1:] == 0, -100)
     return labels["input_ids"][:, :-1], targets
+
+
+def _count_rows_per_step(model, monkeypatch) -> list[int]:
+    """A list that receives, at every decoder step, how many rows the step computed."""
+    rows_per_step, step = [], model.decoder.step
+
+    def counting_step(embedded, *args):
+        rows_per_step.append(embedded.shape[0])
+        return step(embedded, *args)
+
+    monkeypatch.setattr(model.decoder, "step", counting_step)
+    return rows_per_step
 
 
 def test_loss_is_cross_entropy_plus_doubly_stochastic_penalty(tiny_model, tokenizer):
@@ -264,9 +275,7 @@ def test_padding_is_not_decoded_and_training_gradients_are_unchanged(tiny_model,
         "a star",
         "a small green star above a circle",
     ]
-    labels = tokenizer(captions, padding=True, return_tensors="pt")
-    input_ids = labels["input_ids"][:, :-1]
-    targets = labels["input_ids"][:, 1:].masked_fill(labels["attention_mask"][:, 1:] == 0, -100)
+    input_ids, targets = _batch(tokenizer, captions)
     features = unit_features(2, tiny_model.config, seed=5)  # two captions per image
     tiny_model.train()  # the tiny config has no dropout
 
@@ -283,13 +292,7 @@ def test_padding_is_not_decoded_and_training_gradients_are_unchanged(tiny_model,
         penalty = ((1 - alpha_sums) ** 2).mean()
         return F.cross_entropy(out.logits[valid], targets[valid]) + tiny_model.config.alpha_c * penalty
 
-    rows_per_step, step = [], tiny_model.decoder.step
-
-    def counting_step(embedded, *args):
-        rows_per_step.append(embedded.shape[0])
-        return step(embedded, *args)
-
-    monkeypatch.setattr(tiny_model.decoder, "step", counting_step)
+    rows_per_step = _count_rows_per_step(tiny_model, monkeypatch)
     by_length = loss_and_gradients(
         lambda: tiny_model(encoder_outputs=features, input_ids=input_ids, labels=targets).loss
     )
@@ -315,19 +318,11 @@ def test_a_batch_with_little_padding_decodes_every_row_at_every_step(tiny_model,
         "a small green star above a circle",
         "a red star left of a square",
     ]
-    labels = tokenizer(captions, padding=True, return_tensors="pt")
-    input_ids = labels["input_ids"][:, :-1]
-    targets = labels["input_ids"][:, 1:].masked_fill(labels["attention_mask"][:, 1:] == 0, -100)
+    input_ids, targets = _batch(tokenizer, captions)
     lengths = (targets != -100).sum(1)
     padding = 1 - lengths.sum().item() / targets.numel()
     features = unit_features(2, tiny_model.config, seed=6)
-    rows_per_step, step = [], tiny_model.decoder.step
-
-    def counting_step(embedded, *args):
-        rows_per_step.append(embedded.shape[0])
-        return step(embedded, *args)
-
-    monkeypatch.setattr(tiny_model.decoder, "step", counting_step)
+    rows_per_step = _count_rows_per_step(tiny_model, monkeypatch)
 
     def loss() -> torch.Tensor:
         rows_per_step.clear()
