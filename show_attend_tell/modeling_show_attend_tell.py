@@ -165,7 +165,8 @@ class ShowAttendTellAttention(GradientCheckpointingLayer):
 
     The image side `W_e a` does not change while a caption is decoded: `project_features` computes it once
     per image. The `(rows, num_pixels, attention_dim)` activation is most of a training step's memory: with
-    `gradient_checkpointing_enable()` it is recomputed in the backward pass instead of kept.
+    `activation_checkpointing_enable()` (`gradient_checkpointing_enable()` before transformers 5) it is
+    recomputed in the backward pass instead of kept.
     """
 
     def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
