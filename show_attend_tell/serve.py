@@ -16,8 +16,8 @@ Endpoints:
 * ``GET /stats``: the counters alone (requests, batches, largest batch, errors, queued requests, the decode
   budget's bytes in use and at most so far, requests waiting for it, that waited, refused).
 
-Errors are JSON ``{"detail": "..."}`` with a reason a person can act on: 408 for a request body that does
-not arrive within the body timeout, 413 for a request above the upload limit, an image with more pixels than
+Errors are JSON ``{"detail": "..."}`` with a reason a person can act on: 408 for request headers or a
+request body that do not arrive within their timeouts (``main`` serves with ``header_deadline_protocol``), 413 for a request above the upload limit, an image with more pixels than
 allowed or one whose decoding alone would take more memory than the decode budget, 415 for a file that is not
 an image Pillow can read, 422 for an empty, truncated or corrupt image or a bad option, 503 (with
 ``Retry-After``) when the queue is full or the decode budget stayed in use too long. ``GET /openapi.json`` and
@@ -49,6 +49,7 @@ import collections
 import concurrent.futures
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -113,6 +114,7 @@ DEFAULT_DECODE_THREADS = min(4, os.cpu_count() or 1)
 DEFAULT_DECODE_WAIT_S = 30.0
 #: How long a client may take to send a whole request body (a stalled upload holds a connection and memory).
 DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_HEADER_TIMEOUT_S = 20.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,6 +590,74 @@ class BodyLimits:
         return f"request body of {size:,} bytes or more is larger than the limit of {self.max_bytes:,} bytes"
 
 
+def header_deadline_protocol(timeout_s: float) -> type:
+    """
+    uvicorn's h11 protocol with a deadline on request headers, for ``uvicorn.Config(http=...)``.
+
+    ``BodyLimits`` bounds the time a body takes, but it runs only once the headers are complete: uvicorn has no
+    timeout of its own for a connection that sends nothing, or its headers a byte at a time, so such clients
+    could hold connections without limit. Here a connection whose request headers are not complete
+    ``timeout_s`` seconds after it opened, or after the first byte of its next request, gets 408 and is
+    closed. The deadline reads the state of uvicorn's h11 connection (``H11Protocol.conn``); the class refuses
+    to start, with a clear message, if a uvicorn release no longer has it (tests/test_serve.py checks this on
+    the installed uvicorn).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    answer = json.dumps({"detail": f"the request headers did not arrive within {timeout_s:g} s"}).encode()
+    response = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        + f"content-length: {len(answer)}\r\n\r\n".encode()
+        + answer
+    )
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if not isinstance(getattr(self, "conn", None), h11.Connection):
+                raise RuntimeError(
+                    "uvicorn's H11Protocol no longer keeps its h11 connection in .conn: the request header "
+                    "deadline of show_attend_tell.serve needs updating for this uvicorn release"
+                )
+            self.header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.start_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:  # a request has begun but its headers are incomplete
+                self.start_header_timer()
+            else:
+                self.stop_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.stop_header_timer()
+            super().connection_lost(exc)
+
+        def start_header_timer(self) -> None:
+            if self.header_timer is None:  # a deadline already running is not pushed back
+                self.header_timer = asyncio.get_running_loop().call_later(timeout_s, self.headers_too_slow)
+
+        def stop_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def headers_too_slow(self) -> None:
+            self.header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                logger.warning(
+                    "%s: request headers not complete within %g s, connection closed", self.client, timeout_s
+                )
+                self.transport.write(response)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
 #: Retry-After (seconds) of a 503: the queue and the decode budget drain within about a batch's time.
 RETRY_AFTER_S = 1
 
@@ -1045,6 +1115,14 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a client has to send a whole request body; a slower or stalled one gets 408 and the "
         f"connection is closed (default {DEFAULT_BODY_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="seconds a client has to send a request's headers, from the connection's opening or the first "
+        f"byte of its next request; a slower one gets 408 and the connection is closed (default "
+        f"{DEFAULT_HEADER_TIMEOUT_S:g})",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1083,8 +1161,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_upload_mb <= 0 or args.max_wait_ms < 0 or not 0 <= args.port <= 65535:
         parser.error("--max-upload-mb must be positive, --max-wait-ms 0 or more, --port 0 to 65535")
-    if not (args.decode_budget_mb > 0 and args.body_timeout > 0):
-        parser.error("--decode-budget-mb and --body-timeout must be positive")
+    if not (args.decode_budget_mb > 0 and args.body_timeout > 0 and args.header_timeout > 0):
+        parser.error("--decode-budget-mb, --body-timeout and --header-timeout must be positive")
     return args
 
 
@@ -1143,7 +1221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CaptionIndexError as error:
             print(f"cannot serve the caption index: {error}", file=sys.stderr)
             return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http=header_deadline_protocol(args.header_timeout),
+    )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
 import json
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,6 +44,7 @@ from show_attend_tell.serve import (  # noqa: E402 - after the optional-dependen
     create_app,
     decode_cost,
     decode_image,
+    header_deadline_protocol,
     parse_args,
 )
 
@@ -52,9 +55,12 @@ TIMEOUT = httpx.Timeout(60.0)
 
 
 @contextmanager
-def running(app) -> Iterator[str]:
-    """Serves `app` with uvicorn on 127.0.0.1 and a free port in a thread; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+def running(app, **config: Any) -> Iterator[str]:
+    """Serves `app` with uvicorn on 127.0.0.1 and a free port in a thread; yields the base URL. `config`: more
+    `uvicorn.Config` arguments."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **config)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -346,6 +352,8 @@ def test_command_line_service(tmp_path, captioner, test_images):
         "1",
         "--body-timeout",
         "20",
+        "--header-timeout",
+        "1",
     ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -375,6 +383,8 @@ def test_command_line_service(tmp_path, captioner, test_images):
         assert health["model"] == str(model_dir)
         assert health["batching"]["max_queue"] == 5 and health["body_timeout_s"] == 20
         assert health["decoding"] == {"threads": 1, "budget_bytes": 512 * 2**20, "wait_s": 30.0}
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as silent:
+            assert _read_until_closed(silent).startswith(b"HTTP/1.1 408")  # --header-timeout reached uvicorn
     finally:
         process.terminate()
         try:
@@ -386,6 +396,7 @@ def test_command_line_service(tmp_path, captioner, test_images):
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (exit status -15).
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
+    assert "request headers not complete within 1 s, connection closed" in output
 
 
 # --- the schema ------------------------------------------------------------------------------------------
@@ -871,6 +882,69 @@ def test_a_complete_slow_body_within_the_timeout_is_served(captioner, test_image
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
+def test_silent_or_slow_request_headers_get_408_and_the_connection_is_closed(captioner, test_images):
+    timeout_s = 0.5
+    picture = png_bytes(test_images[0])
+    request = (
+        b"POST /caption?num_beams=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {len(picture)}\r\n\r\n".encode()
+        + picture
+    )
+    with running(create_app(captioner), http=header_deadline_protocol(timeout_s)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+        stalled.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\n")  # and no blank line
+        # one byte every 0.1 s, for three times the timeout: each byte must not push the deadline back
+        dripping = socket.create_connection(("127.0.0.1", port), timeout=10)
+        started = time.monotonic()
+        closed_early = False
+        for byte in request[:30]:
+            try:
+                dripping.sendall(bytes([byte]))
+            except OSError:  # the server closed it
+                closed_early = True
+                break
+            time.sleep(0.1)
+        answers = [_read_until_closed(connection) for connection in (silent, stalled, dripping)]
+        dripping_s = time.monotonic() - started
+        # a complete request is served, and so is a second one after an idle pause longer than the timeout
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as keep_alive:
+            keep_alive.sendall(request)
+            first = keep_alive.recv(65536)
+            time.sleep(2 * timeout_s)
+            keep_alive.sendall(request.replace(b"Host: x", b"Host: x\r\nConnection: close"))
+            second = _read_until_closed(keep_alive)
+        health = httpx.get(f"{url}/health", timeout=TIMEOUT)
+        for connection in (silent, stalled, dripping):
+            connection.close()
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"connection: close" in head.lower()
+        assert json.loads(body) == {"detail": f"the request headers did not arrive within {timeout_s:g} s"}
+    assert closed_early or dripping_s < 3 * timeout_s * 0.9 + 1.0
+    assert first.startswith(b"HTTP/1.1 200"), first[:300]
+    assert second.startswith(b"HTTP/1.1 200"), second[:300]
+    assert health.status_code == 200
+
+
+def test_the_header_deadline_finds_the_state_it_reads_in_the_installed_uvicorn():
+    """The deadline reads uvicorn's h11 connection (`H11Protocol.conn`): a release without it fails here, with
+    the message the service would give at its first connection."""
+    from uvicorn.server import ServerState
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        raise AssertionError("never called")
+
+    config = uvicorn.Config(app)
+    config.load()
+    protocol = header_deadline_protocol(1.0)(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.new_event_loop()
+    )
+    assert protocol.header_timer is None
+
+
 def test_the_command_line_options_reach_the_service():
     args = parse_args(
         [
@@ -884,13 +958,23 @@ def test_the_command_line_options_reach_the_service():
             "3",
             "--body-timeout",
             "5",
+            "--header-timeout",
+            "2.5",
         ]
     )
-    assert (args.queue_size, args.decode_budget_mb, args.decode_threads, args.body_timeout) == (7, 64, 3, 5)
+    settings = (
+        args.queue_size,
+        args.decode_budget_mb,
+        args.decode_threads,
+        args.body_timeout,
+        args.header_timeout,
+    )
+    assert settings == (7, 64, 3, 5, 2.5)
     for bad in (
         ["--queue-size", "0"],
         ["--decode-threads", "0"],
         ["--body-timeout", "0"],
+        ["--header-timeout", "-1"],
         ["--decode-budget-mb", "-1"],
     ):
         with pytest.raises(SystemExit):
