@@ -51,16 +51,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bench_search_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
@@ -84,10 +74,11 @@ def bench_model(args: argparse.Namespace) -> Path:
             f"--max-val-samples 50 --num-workers 0 --checkpoint-steps 0 --output-dir {run} --overwrite-output-dir"
         )
         print(f"training a tiny model: python scripts/train.py {options}", flush=True)
-        here = os.path.dirname(os.path.abspath(__file__))
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-        if load_script("train").main(options.split()) != 0:
-            raise SystemExit("training the benchmark model failed")
+        from show_attend_tell.training import build_parser, check_args, train
+
+        training_args = build_parser().parse_args(options.split())
+        check_args(training_args)
+        train(training_args)
     return run / "model"
 
 
@@ -99,6 +90,7 @@ def bench_model(args: argparse.Namespace) -> Path:
 def quality(args: argparse.Namespace, work: Path) -> dict:
     from show_attend_tell.data import make_synthetic_dataset
     from show_attend_tell.hub import load_model_and_processor
+    from show_attend_tell.image_search import build_index
     from show_attend_tell.retrieval import (
         ImageGallery,
         IndexedRetriever,
@@ -112,7 +104,6 @@ def quality(args: argparse.Namespace, work: Path) -> dict:
     size = processor.image_processor.size
     image_size = int(size["height"] if isinstance(size, dict) else size)
     image_size = 32 if image_size <= 32 else 64
-    search_images = load_script("search_images")
     galleries = {
         "synthetic test split": make_synthetic_dataset(
             num_train=0, num_validation=0, num_test=args.test_size, image_size=image_size
@@ -135,11 +126,16 @@ def quality(args: argparse.Namespace, work: Path) -> dict:
             row["image"].save(folder / f"{i:05d}.png")
         index = folder.parent / "index"
         started = time.perf_counter()
-        argv = ["build", "--model", str(model_dir), "--index", str(index), str(folder), "--no-progress"]
-        argv += ["--num-beams", str(args.num_beams), "--num-return-sequences", str(args.num_beams)]
-        argv += ["--batch-size", "64"]
-        if search_images.main(argv) != 0:
-            raise SystemExit(f"building the index of the {name} failed")
+        build_index(  # what scripts/search_images.py build does
+            model,
+            processor,
+            index,
+            [folder],
+            num_beams=args.num_beams,
+            num_return_sequences=args.num_beams,
+            batch_size=64,
+            progress=False,
+        )
         build_seconds = time.perf_counter() - started
 
         gallery = ImageGallery.from_folder(folder)
