@@ -58,6 +58,7 @@ from show_attend_tell.caption_files import (
 from show_attend_tell.errors import one_line
 from show_attend_tell.hub import (
     UnsafeWeightsError,
+    add_decoding_option_arguments,
     add_trust_remote_code_argument,
     load_model_and_processor,
     set_decoding_options,
@@ -115,17 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model weights' dtype"
     )
-    parser.add_argument(
-        "--fuse-attention",
-        action="store_true",
-        help="compile the attention scores into one kernel (torch.compile: about 10 s once, then faster)",
-    )
-    parser.add_argument(
-        "--capture-steps",
-        action="store_true",
-        help="on a GPU, compile the decoding step with torch.compile(mode='reduce-overhead'): each step shape "
-        "recorded once as a CUDA graph and replayed (same captions; the first batch of each shape compiles)",
-    )
+    add_decoding_option_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)  # images may come before and after the options
     if not args.images and not args.list and not args.dataset:

@@ -40,7 +40,7 @@ from show_attend_tell import evaluation
 from show_attend_tell.data import add_dataset_option_argument, parse_dataset_options
 from show_attend_tell.device import add_device_argument
 from show_attend_tell.evaluation import EvaluationError
-from show_attend_tell.hub import add_trust_remote_code_argument
+from show_attend_tell.hub import add_decoding_option_arguments, add_trust_remote_code_argument
 from show_attend_tell.metrics import DEFAULT_METRICS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -109,17 +109,7 @@ def _add_captioning_options(decoding: argparse._ArgumentGroup) -> None:
     )
     add_device_argument(decoding)
     decoding.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
-    decoding.add_argument(
-        "--fuse-attention",
-        action="store_true",
-        help="compile the attention scores into one kernel (torch.compile: about 10 s once, then faster)",
-    )
-    decoding.add_argument(
-        "--capture-steps",
-        action="store_true",
-        help="on a GPU, compile the decoding step with torch.compile(mode='reduce-overhead'): each step shape "
-        "recorded once as a CUDA graph and replayed (same captions; the first batch of each shape compiles)",
-    )
+    add_decoding_option_arguments(decoding)
 
 
 def _add_scoring_options(scoring: argparse._ArgumentGroup) -> None:

@@ -427,14 +427,29 @@ def load_model_and_processor(
     return model.eval(), processor
 
 
+def add_decoding_option_arguments(parser: argparse._ActionsContainer) -> None:
+    """Declares `--fuse-attention` and `--capture-steps`, the options `set_decoding_options` turns on."""
+    parser.add_argument(
+        "--fuse-attention",
+        action="store_true",
+        help="compile the attention scores into one kernel (torch.compile: about 10 s once, then faster)",
+    )
+    parser.add_argument(
+        "--capture-steps",
+        action="store_true",
+        help="on a GPU, compile the decoding step with torch.compile(mode='reduce-overhead'): each step shape "
+        "recorded once as a CUDA graph and replayed (same captions; the first batch of each shape compiles)",
+    )
+
+
 def set_decoding_options(
     model: Any, *, fuse_attention_scores: bool = False, capture_steps: bool = False
 ) -> None:
     """
     Turns on the decoder's speed options (see `ShowAttendTellDecoder`: `fuse_attention_scores` compiles the
     attention scores, `capture_steps` compiles the decoding step with `torch.compile(mode="reduce-overhead")`,
-    replayed from CUDA graphs on a GPU) on a loaded model. A
-    model loaded with its folder's own code may predate an option: `ValueError` names it.
+    replayed from CUDA graphs on a GPU) on a loaded model. A model loaded with its folder's own code may
+    predate an option: `ValueError` names it.
     """
     decoder = model.get_decoder()
     options = {"fuse_attention_scores": fuse_attention_scores, "capture_steps": capture_steps}
