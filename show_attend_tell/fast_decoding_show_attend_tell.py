@@ -370,6 +370,7 @@ def inference_forward(
     if weights is None or weights.dtype != dtype:
         weights = inference_weights(decoder, dtype)
     features = features if cache is None else cache.features
+    rows_per_image = rows // features.shape[0]
     compute_features = getattr(cache, "compute_features", None)
     if compute_features is None or compute_features.dtype != weights.dtype:
         # Kept in its memory layout: the batched products read (images, num_pixels, encoder_dim) as well as
@@ -385,7 +386,6 @@ def inference_forward(
             ones = compute_features.new_ones(1, 1, compute_features.shape[1])
             mean_features = torch.matmul(ones, compute_features).squeeze(1).float() / ones.shape[-1]
             hidden, cell = F.linear(mean_features, weights.init_weight, weights.init_bias).chunk(2, dim=1)
-        rows_per_image = rows // features.shape[0]
         cache = ShowAttendTellCache(
             features,
             keys,
@@ -394,7 +394,7 @@ def inference_forward(
         )
     keys = cache.projected_features.float()
     hidden, cell, scratch = cache.hidden.float(), cache.cell.float(), getattr(cache, "scratch", None)
-    exact_logits = 2 * (rows // keys.shape[0])  # beam search picks among 2 x num_beams words
+    exact_logits = 2 * rows_per_image  # beam search picks among 2 x num_beams words
 
     all_logits, all_alphas, all_hidden = [], [], []
     with torch.autocast(device_type, enabled=False):

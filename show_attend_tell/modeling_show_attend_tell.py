@@ -273,7 +273,8 @@ class ShowAttendTellDecoder(nn.Module):
         self.inference_memo = None  # the fast path's prepared weights and compiled step; copies drop it
 
     def __getstate__(self) -> dict:
-        # the memo is rebuilt on demand, and may hold what cannot be copied (oneDNN-packed weights, a compiled function)
+        # the memo is rebuilt on demand, and may hold what cannot be copied (oneDNN-packed weights, a compiled
+        # function)
         return {**super().__getstate__(), "inference_memo": None}
 
     def initial_state(self, features: torch.Tensor, rows_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,11 +17,11 @@ Endpoints:
   budget's bytes in use and at most so far, requests waiting for it, that waited, refused).
 
 Errors are JSON ``{"detail": "..."}`` with a reason a person can act on: 408 for request headers or a
-request body that do not arrive within their timeouts (``main`` serves with ``header_deadline_protocol``), 413 for a request above the upload limit, an image with more pixels than
-allowed or one whose decoding alone would take more memory than the decode budget, 415 for a file that is not
-an image Pillow can read, 422 for an empty, truncated or corrupt image or a bad option, 503 (with
-``Retry-After``) when the queue is full or the decode budget stayed in use too long. ``GET /openapi.json`` and
-``/docs`` describe every field with its bounds.
+request body that do not arrive within their timeouts (``main`` serves with ``header_deadline_protocol``),
+413 for a request above the upload limit, an image with more pixels than allowed or one whose decoding alone
+would take more memory than the decode budget, 415 for a file that is not an image Pillow can read, 422 for
+an empty, truncated or corrupt image or a bad option, 503 (with ``Retry-After``) when the queue is full or the
+decode budget stayed in use too long. ``GET /openapi.json`` and ``/docs`` describe every field with its bounds.
 
 Memory: a picture is decoded only once its decoding cost (its width x height x the peak bytes per pixel
 that decoding and converting its Pillow mode take, read from the header) is reserved from a budget of
@@ -114,6 +114,7 @@ DEFAULT_DECODE_THREADS = min(4, os.cpu_count() or 1)
 DEFAULT_DECODE_WAIT_S = 30.0
 #: How long a client may take to send a whole request body (a stalled upload holds a connection and memory).
 DEFAULT_BODY_TIMEOUT_S = 60.0
+#: How long a client may take to send a request's headers (a silent or dripping client holds a connection).
 DEFAULT_HEADER_TIMEOUT_S = 20.0
 
 
