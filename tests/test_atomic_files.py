@@ -47,7 +47,8 @@ def test_the_target_holds_the_old_or_the_new_content_and_no_temporary_is_left(
         if expected is None:
             assert not target.exists()
         else:
-            assert target.read_text(encoding="utf-8") == expected
+            # bytes, not read_text: reading in text mode would turn a written "\r" into "\n"
+            assert target.read_bytes() == expected.encode("utf-8")
         assert os.listdir(folder) == ([] if expected is None else ["results.json"])
 
 
