@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_script
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from serve_tiny_model import NUM_TEST, save_example_images, save_tiny_model, trained_tiny_captioner
@@ -396,6 +396,7 @@ def gallery_features(tiny, gallery_folder, tmp_path_factory):
     query=st.sampled_from([*QUERIES, "a green star", "a triangle below a red square"]),
     attention=st.booleans(),
 )
+@example(subset=[5], query="a green star", attention=False)  # 1.4e-6 apart in one CI run
 def test_reranked_scores_from_cached_features_equal_the_exhaustive_scores(
     tiny, gallery_features, subset, query, attention
 ):
@@ -410,7 +411,9 @@ def test_reranked_scores_from_cached_features_equal_the_exhaustive_scores(
     assert sorted(gallery_features.indices.index(hit.index) for hit in hits) == sorted(subset)
     for hit in hits:
         expected = float(exhaustive[gallery_features.indices.index(hit.index)])
-        assert hit.score == pytest.approx(expected, abs=1e-6)
+        # float32 sums of log-probabilities depend on the batch they are computed in: a few units in the last
+        # place (4.8e-7 at a score of -6.8) apart, so the bound is relative; a wrong row is off by far more
+        assert hit.score == pytest.approx(expected, rel=1e-6, abs=1e-6)
         assert (hit.attention is not None) == attention
     assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
 
