@@ -839,6 +839,29 @@ def _read_until_closed(connection: socket.socket) -> bytes:
     raise AssertionError(f"the server kept sending: {answer[:200]!r}")
 
 
+def _read_one_response(connection: socket.socket) -> bytes:
+    """One whole response on a kept-alive connection: its head, then as many body bytes as Content-Length says.
+
+    A single ``recv`` may return the head alone, with the body still in flight.
+    """
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed before the response's head was complete: {answer[:200]!r}"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lengths = [
+        line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    ]
+    assert len(lengths) == 1, head
+    while len(body) < int(lengths[0]):
+        chunk = connection.recv(65536)
+        assert chunk, f"closed before the body was complete: {answer[:200]!r}"
+        body += chunk
+    assert len(body) == int(lengths[0]), "the server sent more than one response"
+    return head + b"\r\n\r\n" + body
+
+
 def test_stalled_request_bodies_get_408_and_the_connection_is_closed(captioner, test_images):
     app = create_app(captioner, body_timeout_s=0.5)
     requests = _half_sent_requests(png_bytes(test_images[0])) * 10  # 30 stalled uploads at once
@@ -911,7 +934,7 @@ def test_silent_or_slow_request_headers_get_408_and_the_connection_is_closed(cap
         # a complete request is served, and so is a second one after an idle pause longer than the timeout
         with socket.create_connection(("127.0.0.1", port), timeout=30) as keep_alive:
             keep_alive.sendall(request)
-            first = keep_alive.recv(65536)
+            first = _read_one_response(keep_alive)
             time.sleep(2 * timeout_s)
             keep_alive.sendall(request.replace(b"Host: x", b"Host: x\r\nConnection: close"))
             second = _read_until_closed(keep_alive)
